@@ -1,0 +1,1 @@
+//! servicedb-operator: database-per-service for Kubernetes (library side of the `servicedb` binary).
