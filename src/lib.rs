@@ -1,1 +1,3 @@
-//! servicedb-operator: database-per-service for Kubernetes (library side of the `servicedb` binary).
+//! servicedb-operator: database-per-service for Kubernetes (the library behind the `servicedb` binary).
+
+pub mod api;

@@ -1,0 +1,421 @@
+//! The `ServiceDatabase` custom resource: "service X owns a Postgres database" (types only, no I/O).
+//!
+//! Doc comments on fields are user documentation: they become `kubectl explain` text.
+//! Admission rules (schema patterns and CEL) live next to the fields they guard, so the
+//! apiserver — not the controller — rejects a bad spec.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Postgres database owned by exactly one microservice.
+///
+/// The operator provisions an isolated instance (`managed`) or an isolated database on an existing
+/// server (`external`), least-privilege roles with generated passwords in Secrets, a NetworkPolicy,
+/// the transactional outbox table, and optionally a Debezium CDC connector.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "servicedb.io",
+    version = "v1alpha1",
+    kind = "ServiceDatabase",
+    namespaced,
+    status = "ServiceDatabaseStatus",
+    shortname = "sdb",
+    category = "servicedb",
+    doc = "ServiceDatabase: a Postgres database owned by one microservice, with least-privilege credentials, network isolation, a transactional outbox and optional CDC.",
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.owner.service"),
+    printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint.host"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 47").message("metadata.name must be at most 47 characters: child objects append suffixes such as '-superuser' and Service names must fit in 63"),
+)]
+#[x_kube(
+    validation = Rule::new("(has(self.database.name) ? self.database.name : self.owner.service.replace('-', '_')) == (has(oldSelf.database.name) ? oldSelf.database.name : oldSelf.owner.service.replace('-', '_'))").message("the database name is immutable: create a new ServiceDatabase to move data to another database"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceDatabaseSpec {
+    /// The microservice that owns this database. Role names, Secret contents and the NetworkPolicy
+    /// derive from it.
+    pub owner: OwnerSpec,
+
+    /// Where the database lives: exactly one of `managed` (an isolated Postgres run by the
+    /// operator) or `external` (an isolated database and roles on a server you run). The kind
+    /// cannot change after creation.
+    pub instance: InstanceSpec,
+
+    /// The database inside the instance.
+    #[serde(default)]
+    pub database: DatabaseSpec,
+
+    /// The transactional outbox table. Omit it (or set `enabled: false`) for a database without
+    /// an outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxSpec>,
+
+    /// Optional change data capture: a Debezium Postgres connector registered in Kafka Connect,
+    /// streaming the listed tables for reporting and analytics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<CdcSpec>,
+
+    /// What happens to the data when this ServiceDatabase is deleted. `Retain` (default) keeps
+    /// the volume (managed) or the database and roles (external) and the `-app` Secret; `Delete`
+    /// drops them. Data is never dropped unless this says `Delete`.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// The owning microservice.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerSpec {
+    /// Name of the owning microservice (a DNS-1035 label, at most 40 characters). Immutable.
+    /// Role names derive from it (`orders-api` gives `orders_api`, `orders_api_relay`, ...).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("owner.service is immutable"))]
+    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 40))]
+    pub service: String,
+
+    /// Pods allowed to connect to a managed instance (port 5432). Defaults to pods labelled
+    /// `app.kubernetes.io/name: <owner.service>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+/// Exactly one of `managed` or `external`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.managed) != has(self.external)").message("instance must set exactly one of managed or external"),
+    validation = Rule::new("has(self.managed) == has(oldSelf.managed)").message("the instance kind (managed or external) is immutable"),
+)]
+pub struct InstanceSpec {
+    /// An isolated single-instance Postgres run by the operator (StatefulSet, volume, Services,
+    /// NetworkPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedInstance>,
+
+    /// An isolated database and roles on a Postgres server the operator does not run (RDS, Cloud
+    /// SQL, a shared development server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalInstance>,
+}
+
+/// An isolated Postgres instance run by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedInstance {
+    /// Postgres major version (14 to 18). May go up, never down.
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("the Postgres major version may not go down"))]
+    #[schemars(range(min = 14, max = 18))]
+    pub version: i32,
+
+    /// Container image. Defaults to the official `postgres:<version>` image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// The data volume.
+    pub storage: StorageSpec,
+
+    /// CPU and memory requests and limits of the Postgres container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// `postgresql.conf` overrides. Keys the operator owns (listen_addresses, port, paths,
+    /// wal_level, hba settings, ssl files) are rejected.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[a-z][a-z0-9_.]*$'))").message("parameter names are lowercase letters, digits, '_' and '.'"),
+        validation = Rule::new("self.all(k, !(k in ['listen_addresses', 'port', 'data_directory', 'config_file', 'hba_file', 'ident_file', 'unix_socket_directories', 'wal_level', 'ssl_cert_file', 'ssl_key_file', 'ssl_ca_file', 'password_encryption']))").message("parameters may not override keys the operator owns: listen_addresses, port, data_directory, config_file, hba_file, ident_file, unix_socket_directories, wal_level, ssl_*_file, password_encryption"),
+    )]
+    #[schemars(extend("maxProperties" = 64))]
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// The data volume of a managed instance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Volume size as a Kubernetes quantity (`1Gi`). May grow, never shrink.
+    #[x_kube(
+        validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("storage.size must be a positive quantity such as 1Gi"),
+        validation = Rule::new("quantity(self).compareTo(quantity(oldSelf)) >= 0").message("storage.size may grow but never shrink"),
+    )]
+    #[schemars(length(min = 1, max = 32))]
+    pub size: String,
+
+    /// StorageClass of the volume; the cluster default when omitted. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage.storageClassName is immutable"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+/// A Postgres server the operator does not run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalInstance {
+    /// Hostname or IP address of the server.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.:]*[A-Za-z0-9])?$"), length(min = 1, max = 253))]
+    pub host: String,
+
+    /// Port of the server.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// A Secret in this namespace with keys `username` and `password` of a role with CREATEDB
+    /// and CREATEROLE (not necessarily a superuser), and optionally `ca.crt` for
+    /// `verify-ca`/`verify-full`.
+    pub admin_secret_ref: SecretRef,
+
+    /// Database the admin connects to for CREATE DATABASE and CREATE ROLE.
+    #[serde(default = "default_admin_database")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub admin_database: String,
+
+    /// TLS towards the server, with libpq's meaning.
+    #[serde(default)]
+    pub ssl_mode: SslMode,
+}
+
+/// A reference to a Secret in the same namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// libpq's `sslmode`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// No TLS.
+    #[serde(rename = "disable")]
+    Disable,
+    /// TLS if the server offers it, without certificate verification.
+    #[serde(rename = "prefer")]
+    #[default]
+    Prefer,
+    /// TLS required, without certificate verification.
+    #[serde(rename = "require")]
+    Require,
+    /// TLS required, the certificate verified against the CA.
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    /// TLS required, the certificate verified against the CA and the host name.
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling, as used in connection URIs and `PGSSLMODE`.
+    pub fn as_libpq(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// The database inside the instance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Database name: lowercase letters, digits and `_`, at most 63 bytes. Defaults to
+    /// `owner.service` with `-` replaced by `_`. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub name: Option<String>,
+
+    /// Extensions to create in the database (`CREATE EXTENSION IF NOT EXISTS`). On external
+    /// servers the admin role must be allowed to create them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub extensions: Vec<Identifier>,
+}
+
+/// A Postgres identifier: lowercase letters, digits and `_`, starting with a letter or `_`, at
+/// most 63 bytes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct Identifier(#[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))] pub String);
+
+/// The transactional outbox table.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSpec {
+    /// Create and maintain the outbox table.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Table name, optionally schema-qualified (`outbox`, `events.outbox`). Columns are
+    /// compatible with Debezium's outbox event router: `id uuid`, `aggregatetype`,
+    /// `aggregateid`, `type`, `payload jsonb`, plus `created_at`, an ordering column and
+    /// `headers`, all defaulted.
+    #[serde(default = "default_outbox_table")]
+    #[schemars(regex(pattern = r"^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$"))]
+    pub table: String,
+}
+
+impl Default for OutboxSpec {
+    fn default() -> Self {
+        OutboxSpec { enabled: true, table: default_outbox_table() }
+    }
+}
+
+/// Change data capture through a Debezium Postgres connector.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcSpec {
+    /// Tables to capture, schema-qualified (`public.orders`). The cdc role gets SELECT on these
+    /// only.
+    #[schemars(length(min = 1, max = 100))]
+    pub tables: Vec<QualifiedTable>,
+
+    /// The Kafka Connect cluster that runs the connector.
+    pub kafka_connect: KafkaConnectRef,
+
+    /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,200}$"))]
+    pub topic_prefix: String,
+}
+
+/// A schema-qualified table name, `schema.table`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct QualifiedTable(
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$"))] pub String,
+);
+
+/// Where Kafka Connect's REST API answers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaConnectRef {
+    /// Base URL of the Kafka Connect REST API (`http://connect.kafka:8083`).
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 512))]
+    pub url: String,
+}
+
+/// What deleting a ServiceDatabase does to its data.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Keep the data and the `-app` Secret (default).
+    #[default]
+    Retain,
+    /// Drop the database and roles (external) or the volume (managed).
+    Delete,
+}
+
+/// Observed state of a ServiceDatabase.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceDatabaseStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Summary of the conditions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Short description of the instance (`managed, Postgres 17` or `external, pg.internal:5432`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+
+    /// Where applications connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+
+    /// The database name in the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+
+    /// Names of the credential Secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<SecretNames>,
+
+    /// Conditions: Ready, InstanceReady, DatabaseReady, OutboxReady, CdcReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Summary phase of a ServiceDatabase.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted, waiting on something (a reference, a Secret, a valid spec).
+    Pending,
+    /// Creating the instance, database or roles.
+    Provisioning,
+    /// Everything is in place.
+    Ready,
+    /// Was ready or provisioning and something now fails (server unreachable, ...).
+    Degraded,
+    /// Being deleted.
+    Deleting,
+}
+
+/// A network endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Host name applications use.
+    pub host: String,
+    /// Port applications use.
+    pub port: i32,
+}
+
+/// Names of the credential Secrets of a ServiceDatabase.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretNames {
+    /// The owner role's Secret (the service itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// The relay role's Secret (outbox enabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// The CDC role's Secret (cdc set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<String>,
+}
+
+fn default_port() -> i32 {
+    5432
+}
+
+fn default_admin_database() -> String {
+    "postgres".to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_outbox_table() -> String {
+    "outbox".to_owned()
+}
+
+impl ServiceDatabaseSpec {
+    /// The database name: `database.name`, or `owner.service` with `-` replaced by `_`.
+    pub fn database_name(&self) -> String {
+        self.database
+            .name
+            .clone()
+            .unwrap_or_else(|| self.owner.service.replace('-', "_"))
+    }
+
+    /// The outbox settings when the outbox is enabled.
+    pub fn enabled_outbox(&self) -> Option<&OutboxSpec> {
+        self.outbox.as_ref().filter(|o| o.enabled)
+    }
+}
