@@ -235,6 +235,7 @@ rest.advertised.port=${CONNECT_PORT}
 plugin.path=$(debezium_plugin_dir)
 connector.client.config.override.policy=All
 scheduled.rebalance.max.delay.ms=0
+plugin.discovery=service_load
 EOF
   start kafka-connect java "${JAVA_OPTS_COMMON[@]}" -cp "$(kafka_lib)/*" \
     -Dlog4j2.configurationFile="${RUN_DIR}/log4j2.properties" \
@@ -389,6 +390,9 @@ down() {
   fi
   log "test environment down (logs kept in ${LOGS})"
 }
+
+# Sourcing this file (instead of running it) only defines the functions.
+[[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 
 case "${1:-}" in
   up) up ;;
