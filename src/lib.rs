@@ -1,3 +1,7 @@
 //! servicedb-operator: database-per-service for Kubernetes (the library behind the `servicedb` binary).
 
 pub mod api;
+pub mod http;
+pub mod metrics;
+pub mod relay;
+pub mod telemetry;

@@ -74,7 +74,10 @@ pub struct OutboxRelaySpec {
 #[serde(rename_all = "camelCase")]
 pub struct LocalObjectRef {
     /// Name of the object.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
     pub name: String,
 }
 
@@ -117,13 +120,19 @@ pub struct Sink {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSink {
     /// Comma-separated `host:port` list of brokers.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9.\-]+:[0-9]{1,5}(,[A-Za-z0-9.\-]+:[0-9]{1,5})*$"), length(max = 1024))]
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9.\-]+:[0-9]{1,5}(,[A-Za-z0-9.\-]+:[0-9]{1,5})*$"),
+        length(max = 1024)
+    )]
     pub bootstrap_servers: String,
 
     /// Topic template; `{aggregatetype}` and `{type}` expand per event. The default,
     /// `outbox.event.{aggregatetype}`, is Debezium's outbox routing.
     #[serde(default = "default_kafka_topic")]
-    #[schemars(regex(pattern = r"^([A-Za-z0-9._-]|\{aggregatetype\}|\{type\})+$"), length(max = 249))]
+    #[schemars(
+        regex(pattern = r"^([A-Za-z0-9._-]|\{aggregatetype\}|\{type\})+$"),
+        length(max = 249)
+    )]
     pub topic: String,
 
     /// Extra librdkafka producer settings (TLS, SASL, compression, ...). Settings that the
@@ -144,7 +153,10 @@ pub struct NatsSink {
 
     /// Subject template; `{aggregatetype}` and `{type}` expand per event.
     #[serde(default = "default_nats_subject")]
-    #[schemars(regex(pattern = r"^([A-Za-z0-9_-]|\.|\{aggregatetype\}|\{type\})+$"), length(max = 255))]
+    #[schemars(
+        regex(pattern = r"^([A-Za-z0-9_-]|\.|\{aggregatetype\}|\{type\})+$"),
+        length(max = 255)
+    )]
     pub subject: String,
 
     /// JetStream stream that captures the subjects. When set and missing, the relay creates it

@@ -76,7 +76,10 @@ pub struct OwnerSpec {
     /// Name of the owning microservice (a DNS-1035 label, at most 40 characters). Immutable.
     /// Role names derive from it (`orders-api` gives `orders_api`, `orders_api_relay`, ...).
     #[x_kube(validation = Rule::new("self == oldSelf").message("owner.service is immutable"))]
-    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 40))]
+    #[schemars(
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 40)
+    )]
     pub service: String,
 
     /// Pods allowed to connect to a managed instance (port 5432). Defaults to pods labelled
@@ -160,7 +163,10 @@ pub struct StorageSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ExternalInstance {
     /// Hostname or IP address of the server.
-    #[schemars(regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.:]*[A-Za-z0-9])?$"), length(min = 1, max = 253))]
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.:]*[A-Za-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
     pub host: String,
 
     /// Port of the server.
@@ -188,7 +194,10 @@ pub struct ExternalInstance {
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     /// Name of the Secret.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"), length(min = 1, max = 253))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
     pub name: String,
 }
 
@@ -268,7 +277,10 @@ pub struct OutboxSpec {
 
 impl Default for OutboxSpec {
     fn default() -> Self {
-        OutboxSpec { enabled: true, table: default_outbox_table() }
+        OutboxSpec {
+            enabled: true,
+            table: default_outbox_table(),
+        }
     }
 }
 

@@ -1,0 +1,6 @@
+//! Event sources: Poll (claim rows with `FOR UPDATE SKIP LOCKED`) and Logical (pgoutput slot); both hand batches to the publisher (I/O in the submodules).
+
+pub mod logical;
+pub mod pgoutput;
+pub mod poll;
+pub mod replication;
