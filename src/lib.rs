@@ -3,5 +3,8 @@
 pub mod api;
 pub mod http;
 pub mod metrics;
+pub mod operator;
+pub mod postgres;
 pub mod relay;
+pub mod specs;
 pub mod telemetry;
