@@ -20,6 +20,24 @@ struct Cli {
 enum Command {
     /// Print both CustomResourceDefinitions as YAML.
     Crd,
+    /// Run the controllers for ServiceDatabase and OutboxRelay.
+    Operator {
+        /// Address of /healthz, /readyz and /metrics.
+        #[arg(long, env = "SERVICEDB_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+        /// Image of relay Deployments (normally the operator's own image).
+        #[arg(long, env = "SERVICEDB_RELAY_IMAGE", default_value = "servicedb-operator:latest")]
+        relay_image: String,
+        /// Namespace the operator runs in; instance NetworkPolicies admit its pods.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: Option<String>,
+        /// Maximum reconciles running at once, per kind.
+        #[arg(long, env = "SERVICEDB_CONCURRENCY", default_value_t = 8)]
+        concurrency: u16,
+        /// Seconds between drift-check resyncs of every object.
+        #[arg(long, env = "SERVICEDB_RESYNC_SECONDS", default_value_t = 300)]
+        resync_seconds: u64,
+    },
     /// Run one outbox relay: move committed outbox events to Kafka or NATS JetStream.
     /// The database comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE.
     Relay {
@@ -36,6 +54,21 @@ fn main() -> anyhow::Result<()> {
             let yaml = servicedb::api::crds_yaml().context("rendering the CRDs")?;
             std::io::stdout().write_all(yaml.as_bytes())?;
         }
+        Command::Operator { listen, relay_image, namespace, concurrency, resync_seconds } => {
+            servicedb::telemetry::init();
+            let settings = servicedb::operator::Settings {
+                operator_namespace: namespace,
+                relay_image,
+                concurrency,
+                resync: std::time::Duration::from_secs(resync_seconds),
+                ..servicedb::operator::Settings::default()
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(run_operator(listen, settings))?;
+        }
         Command::Relay { config } => {
             servicedb::telemetry::init();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,4 +79,42 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn run_operator(listen: std::net::SocketAddr, settings: servicedb::operator::Settings) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+    servicedb::operator::check_crds(&client).await?;
+    let registry = std::sync::Arc::new(prometheus_client::registry::Registry::default());
+    let readiness = servicedb::http::Readiness::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (addr, server) = servicedb::http::bind(listen, registry, readiness.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let server = tokio::spawn(server);
+    readiness.set(true);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    let controllers_stop = shutdown.clone();
+    servicedb::operator::run(client, settings, async move { controllers_stop.cancelled().await }).await;
+    shutdown.cancel();
+    server.await.context("joining the HTTP server")??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
 }

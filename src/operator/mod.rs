@@ -1,0 +1,225 @@
+//! The controllers: shared context, start-up checks, and the run loop for both kinds (Kubernetes I/O).
+
+pub mod apply;
+pub mod conditions;
+pub mod outbox_relay;
+pub mod service_database;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{OutboxRelay, ServiceDatabase};
+
+/// Settings of the operator process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace the operator runs in, admitted by instance NetworkPolicies.
+    pub operator_namespace: Option<String>,
+    /// Image of relay Deployments (the operator's own image).
+    pub relay_image: String,
+    /// Maximum reconciles running at once, per kind.
+    pub concurrency: u16,
+    /// Periodic re-reconcile of every object, as a safety net against drift.
+    pub resync: Duration,
+    /// Bound on opening a database connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            operator_namespace: None,
+            relay_image: "servicedb-operator:latest".to_owned(),
+            concurrency: 8,
+            resync: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What every reconcile gets.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Publishes Events on the reconciled objects.
+    pub recorder: Recorder,
+    /// Process settings.
+    pub settings: Settings,
+    /// Per-object retry delays.
+    pub backoff: Backoff,
+}
+
+/// Per-object exponential backoff for failed reconciles: 1s, 2s, 4s, ... capped at five minutes,
+/// reset by a success. A failing object never delays the others.
+#[derive(Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Backoff {
+    /// The delay before the next attempt for `key`, counting this failure.
+    pub fn next(&self, key: &str) -> Duration {
+        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    /// Forget the failures of `key` after a success.
+    pub fn reset(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+    }
+}
+
+impl Context {
+    /// Publish an Event on `obj`; failures are logged, never fatal (Events are advisory).
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = KubeEvent {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Why the operator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A CRD is not installed.
+    #[error(
+        "the CustomResourceDefinition {0} is not installed: install it with `servicedb crd | kubectl apply --server-side -f -` (or the Helm chart) and start the operator again"
+    )]
+    CrdMissing(String),
+    /// The apiserver could not be asked.
+    #[error("could not read CustomResourceDefinition {name}: {source}")]
+    CrdLookup {
+        /// CRD name.
+        name: String,
+        /// The client error.
+        source: kube::Error,
+    },
+}
+
+/// Check that both CRDs are installed, so the operator fails fast with a clear message.
+pub async fn check_crds(client: &Client) -> Result<(), StartError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crate::api::crds() {
+        let name = crd.name_any();
+        match crds.get_opt(&name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(StartError::CrdMissing(name)),
+            Err(source) => return Err(StartError::CrdLookup { name, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Run both controllers until `shutdown` resolves.
+pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
+    let reporter = Reporter { controller: crate::specs::labels::MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        settings,
+        backoff: Backoff::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
+
+    let sdb_api: Api<ServiceDatabase> = Api::all(client.clone());
+    let relays_for_sdb: Api<OutboxRelay> = Api::all(client.clone());
+    let sdb_controller = Controller::new(sdb_api, watcher::Config::default().any_semantic())
+        .with_config(config.clone())
+        .owns(Api::<Secret>::all(client.clone()), watcher::Config::default().labels("app.kubernetes.io/managed-by=servicedb-operator"))
+        .owns(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default())
+        // A Logical relay needs REPLICATION and a publication: re-reconcile its database.
+        .watches(relays_for_sdb, watcher::Config::default(), |relay: OutboxRelay| {
+            relay
+                .namespace()
+                .map(|ns| kube::runtime::reflector::ObjectRef::new(&relay.spec.database_ref.name).within(&ns))
+        })
+        .graceful_shutdown_on(signal(stop_rx.clone()))
+        .run(service_database::reconcile, service_database::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "ServiceDatabase reconcile failed");
+            }
+        });
+
+    // A second watch on OutboxRelays feeds a store that maps a changed ServiceDatabase to the
+    // relays that reference it (a ServiceDatabase has no ownerReference to its relays).
+    let (relay_reader, relay_writer) = reflector::store::<OutboxRelay>();
+    let relay_index = reflector::reflector(relay_writer, watcher(Api::<OutboxRelay>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .for_each(|_| futures::future::ready(()));
+
+    let relay_api: Api<OutboxRelay> = Api::all(client.clone());
+    let sdb_for_relays: Api<ServiceDatabase> = Api::all(client.clone());
+    let relay_controller = Controller::new(relay_api, watcher::Config::default().any_semantic())
+        .with_config(config)
+        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
+        .watches(sdb_for_relays, watcher::Config::default(), move |sdb: ServiceDatabase| {
+            outbox_relay::relays_of_database(&relay_reader.state(), &sdb)
+        })
+        .graceful_shutdown_on(signal(stop_rx))
+        .run(outbox_relay::reconcile, outbox_relay::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "OutboxRelay reconcile failed");
+            }
+        });
+
+    info!("controllers started");
+    tokio::select! {
+        _ = async { tokio::join!(sdb_controller, relay_controller) } => {}
+        _ = relay_index => {}
+    }
+    info!("controllers stopped");
+}

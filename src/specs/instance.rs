@@ -1,0 +1,419 @@
+//! Builders for a managed Postgres instance: StatefulSet, Services, ConfigMap, NetworkPolicy (pure, no I/O).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements, Capabilities, SeccompProfile,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::labels::{DatabaseNames, selector_labels, standard_labels};
+use crate::api::service_database::{DeletionPolicy, ManagedInstance};
+
+/// The Postgres port inside the pod and on the Services.
+pub const POSTGRES_PORT: i32 = 5432;
+/// The uid of the `postgres` user in the official images (Debian and Alpine variants).
+pub const POSTGRES_UID: i64 = 999;
+/// Component label value of instance pods.
+pub const POSTGRES_COMPONENT: &str = "postgres";
+/// Component label value of relay pods; the NetworkPolicy admits them.
+pub const RELAY_COMPONENT: &str = "relay";
+/// Label put on relay pods naming the ServiceDatabase they publish, so the NetworkPolicy can admit
+/// exactly the relays of this database.
+pub const DATABASE_LABEL: &str = "servicedb.io/database";
+/// Label that admits Kafka Connect pods running a ServiceDatabase's CDC connector; its value is
+/// `<namespace>.<servicedatabase>`.
+pub const CDC_ACCESS_LABEL: &str = "servicedb.io/cdc-access";
+/// The key of the superuser Secret holding the bootstrap SQL run on first start.
+pub const BOOTSTRAP_KEY: &str = "bootstrap.sql";
+/// Where the data volume is mounted; PGDATA is a subdirectory so `lost+found` never bothers initdb.
+const DATA_MOUNT: &str = "/var/lib/postgresql/data";
+
+/// Everything the instance builders need, already validated.
+#[derive(Clone, Debug)]
+pub struct InstanceParams<'a> {
+    /// ServiceDatabase name.
+    pub name: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Controller ownerReference to the ServiceDatabase.
+    pub owner: Option<OwnerReference>,
+    /// The managed instance spec.
+    pub managed: &'a ManagedInstance,
+    /// Deletion policy: decides whether the volume outlives the StatefulSet.
+    pub deletion_policy: DeletionPolicy,
+    /// Whether a Logical relay or CDC needs `wal_level=logical`.
+    pub logical_decoding: bool,
+    /// Pods of the owning service allowed in.
+    pub owner_pods: LabelSelector,
+    /// Namespace the operator runs in (admitted by the NetworkPolicy), if known.
+    pub operator_namespace: Option<&'a str>,
+    /// A checksum of the configuration, put on the pod template so a change restarts the pod.
+    pub config_checksum: String,
+}
+
+fn meta(name: String, p: &InstanceParams<'_>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(p.namespace.to_owned()),
+        labels: Some(standard_labels(POSTGRES_COMPONENT, p.name)),
+        owner_references: p.owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The image for the instance: the spec's, or the official `postgres:<major>`.
+pub fn image(managed: &ManagedInstance) -> String {
+    managed.image.clone().unwrap_or_else(|| format!("postgres:{}", managed.version))
+}
+
+/// `pg_hba.conf`: scram-sha-256 over TCP for everyone (the NetworkPolicy decides who reaches
+/// the port), local socket trust only for the entrypoint's bootstrap.
+pub fn pg_hba_conf() -> String {
+    [
+        "# Managed by servicedb-operator.",
+        "local   all             all                                     trust",
+        "host    all             all             127.0.0.1/32            scram-sha-256",
+        "host    all             all             ::1/128                 scram-sha-256",
+        "host    all             all             0.0.0.0/0               scram-sha-256",
+        "host    all             all             ::/0                    scram-sha-256",
+        "host    replication     all             0.0.0.0/0               scram-sha-256",
+        "host    replication     all             ::/0                    scram-sha-256",
+        "",
+    ]
+    .join("\n")
+}
+
+/// Server settings passed as `-c key=value` arguments: the user's parameters first, then the
+/// settings the operator owns (which the CRD forbids users to set).
+pub fn server_settings(p: &InstanceParams<'_>) -> Vec<(String, String)> {
+    let mut settings: Vec<(String, String)> =
+        p.managed.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    settings.push(("hba_file".to_owned(), "/etc/servicedb/pg_hba.conf".to_owned()));
+    settings.push(("password_encryption".to_owned(), "scram-sha-256".to_owned()));
+    settings.push(("listen_addresses".to_owned(), "*".to_owned()));
+    if p.logical_decoding {
+        settings.push(("wal_level".to_owned(), "logical".to_owned()));
+        // A relay or connector that stops consuming must never fill the disk with WAL.
+        if !p.managed.parameters.contains_key("max_slot_wal_keep_size") {
+            settings.push(("max_slot_wal_keep_size".to_owned(), "1GB".to_owned()));
+        }
+    }
+    settings
+}
+
+/// The ConfigMap holding `pg_hba.conf`.
+pub fn config_map(p: &InstanceParams<'_>) -> ConfigMap {
+    let names = DatabaseNames::new(p.name);
+    ConfigMap {
+        metadata: meta(names.config_map(), p),
+        data: Some(BTreeMap::from([("pg_hba.conf".to_owned(), pg_hba_conf())])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The ClusterIP Service applications connect to.
+pub fn service(p: &InstanceParams<'_>) -> Service {
+    let names = DatabaseNames::new(p.name);
+    Service {
+        metadata: meta(names.instance(), p),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(POSTGRES_COMPONENT, p.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".to_owned()),
+                port: POSTGRES_PORT,
+                target_port: Some(IntOrString::String("postgres".to_owned())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The headless Service the StatefulSet's pod is named under.
+pub fn headless_service(p: &InstanceParams<'_>) -> Service {
+    let names = DatabaseNames::new(p.name);
+    Service {
+        metadata: meta(names.headless_service(), p),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(POSTGRES_COMPONENT, p.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".to_owned()),
+                port: POSTGRES_PORT,
+                target_port: Some(IntOrString::String("postgres".to_owned())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pg_isready_probe(period: i32, failure_threshold: i32, initial_delay: i32) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            // -h 127.0.0.1: during bootstrap the entrypoint's temporary server listens on the
+            // socket only, so the pod turns ready only once bootstrap is complete.
+            command: Some(
+                ["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", "postgres"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        initial_delay_seconds: Some(initial_delay),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+/// The StatefulSet running one Postgres pod with its volume.
+pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
+    let names = DatabaseNames::new(p.name);
+    let superuser_secret = names.superuser_secret();
+    let mut pod_labels = standard_labels(POSTGRES_COMPONENT, p.name);
+    pod_labels.insert(DATABASE_LABEL.to_owned(), p.name.to_owned());
+    let args: Vec<String> = server_settings(p)
+        .into_iter()
+        .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")])
+        .collect();
+    let env = vec![
+        EnvVar {
+            name: "POSTGRES_PASSWORD".to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: superuser_secret.clone(),
+                    key: super::credentials::PASSWORD_KEY.to_owned(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        EnvVar { name: "PGDATA".to_owned(), value: Some(format!("{DATA_MOUNT}/pgdata")), ..EnvVar::default() },
+        EnvVar {
+            name: "POSTGRES_INITDB_ARGS".to_owned(),
+            value: Some("--auth-host=scram-sha-256 --auth-local=trust".to_owned()),
+            ..EnvVar::default()
+        },
+    ];
+    let container = Container {
+        name: "postgres".to_owned(),
+        image: Some(image(p.managed)),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("postgres".to_owned()),
+            container_port: POSTGRES_PORT,
+            ..ContainerPort::default()
+        }]),
+        resources: p.managed.resources.clone(),
+        readiness_probe: Some(pg_isready_probe(5, 3, 5)),
+        liveness_probe: Some(pg_isready_probe(10, 6, 30)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(POSTGRES_UID),
+            run_as_group: Some(POSTGRES_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "data".to_owned(), mount_path: DATA_MOUNT.to_owned(), ..VolumeMount::default() },
+            VolumeMount { name: "config".to_owned(), mount_path: "/etc/servicedb".to_owned(), read_only: Some(true), ..VolumeMount::default() },
+            VolumeMount {
+                name: "bootstrap".to_owned(),
+                mount_path: "/docker-entrypoint-initdb.d".to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            // The read-only root filesystem needs writable socket and scratch directories.
+            VolumeMount { name: "run".to_owned(), mount_path: "/var/run/postgresql".to_owned(), ..VolumeMount::default() },
+            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+        ]),
+        ..Container::default()
+    };
+    let empty_dir = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let volumes = vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource { name: names.config_map(), ..ConfigMapVolumeSource::default() }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "bootstrap".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(superuser_secret),
+                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                    key: BOOTSTRAP_KEY.to_owned(),
+                    path: "10-servicedb-bootstrap.sql".to_owned(),
+                    ..Default::default()
+                }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        empty_dir("run"),
+        empty_dir("tmp"),
+    ];
+    let retention = match p.deletion_policy {
+        DeletionPolicy::Retain => "Retain",
+        DeletionPolicy::Delete => "Delete",
+    };
+    StatefulSet {
+        metadata: meta(names.instance(), p),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(names.headless_service()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(POSTGRES_COMPONENT, p.name)),
+                ..LabelSelector::default()
+            },
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some(retention.to_owned()),
+                when_scaled: Some("Retain".to_owned()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        "servicedb.io/config-checksum".to_owned(),
+                        p.config_checksum.clone(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(60),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(POSTGRES_UID),
+                        fs_group: Some(POSTGRES_UID),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..SeccompProfile::default() }),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".to_owned()),
+                    labels: Some(standard_labels(POSTGRES_COMPONENT, p.name)),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                    storage_class_name: p.managed.storage.storage_class_name.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_owned(),
+                            Quantity(p.managed.storage.size.clone()),
+                        )])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+/// The NetworkPolicy: default-deny ingress to the instance, then port 5432 from the owner's pods,
+/// this database's relay pods, the operator, and Kafka Connect pods labelled for this database's CDC.
+pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
+    let names = DatabaseNames::new(p.name);
+    let mut relay_labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), RELAY_COMPONENT.to_owned()),
+        ("app.kubernetes.io/part-of".to_owned(), super::labels::PART_OF.to_owned()),
+    ]);
+    relay_labels.insert(DATABASE_LABEL.to_owned(), p.name.to_owned());
+    let mut peers = vec![
+        NetworkPolicyPeer { pod_selector: Some(p.owner_pods.clone()), ..NetworkPolicyPeer::default() },
+        NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector { match_labels: Some(relay_labels), ..LabelSelector::default() }),
+            ..NetworkPolicyPeer::default()
+        },
+        NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector::default()),
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    CDC_ACCESS_LABEL.to_owned(),
+                    format!("{}.{}", p.namespace, p.name),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        },
+    ];
+    if let Some(op_ns) = p.operator_namespace {
+        peers.push(NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    op_ns.to_owned(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/name".to_owned(),
+                    "servicedb-operator".to_owned(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        });
+    }
+    NetworkPolicy {
+        metadata: meta(names.instance(), p),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(POSTGRES_COMPONENT, p.name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(peers),
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(POSTGRES_PORT)),
+                    protocol: Some("TCP".to_owned()),
+                    ..NetworkPolicyPort::default()
+                }]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// The default selector of the owner's pods: `app.kubernetes.io/name: <service>`.
+pub fn default_owner_selector(service: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([("app.kubernetes.io/name".to_owned(), service.to_owned())])),
+        ..LabelSelector::default()
+    }
+}

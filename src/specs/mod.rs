@@ -1,0 +1,7 @@
+//! Pure builders: validated spec in, desired Kubernetes objects out (no I/O).
+
+pub mod bootstrap;
+pub mod credentials;
+pub mod instance;
+pub mod labels;
+pub mod relay;

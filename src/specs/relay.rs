@@ -1,0 +1,253 @@
+//! Builders for an OutboxRelay: its config file, ConfigMap, ServiceAccount and Deployment (pure, no I/O).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use super::instance::{DATABASE_LABEL, RELAY_COMPONENT};
+use super::labels::{selector_labels, standard_labels};
+use crate::api::outbox_relay::{OutboxRelaySpec, RelayMode};
+use crate::relay::config::RelayConfig;
+
+/// Where the config file is mounted in the relay container.
+pub const CONFIG_DIR: &str = "/etc/servicedb";
+/// The config file's key in the ConfigMap and name in [`CONFIG_DIR`].
+pub const CONFIG_KEY: &str = "relay.yaml";
+/// The port of /healthz, /readyz and /metrics.
+pub const METRICS_PORT: i32 = 9090;
+/// The uid the relay runs as (the distroless `nonroot` user).
+pub const RELAY_UID: i64 = 65532;
+/// The pod annotation whose change rolls the relay pods.
+pub const CHECKSUM_ANNOTATION: &str = "servicedb.io/config-checksum";
+/// libpq environment variables and the credential Secret keys they come from.
+pub const PG_ENV: [(&str, &str); 6] = [
+    ("PGHOST", "host"),
+    ("PGPORT", "port"),
+    ("PGDATABASE", "database"),
+    ("PGUSER", "username"),
+    ("PGPASSWORD", "password"),
+    ("PGSSLMODE", "sslmode"),
+];
+
+/// Names of an OutboxRelay's children.
+#[derive(Clone, Debug)]
+pub struct RelayNames {
+    base: String,
+}
+
+impl RelayNames {
+    /// Names for the OutboxRelay called `base`.
+    pub fn new(base: &str) -> Self {
+        RelayNames { base: base.to_owned() }
+    }
+    /// Deployment and ServiceAccount.
+    pub fn deployment(&self) -> String {
+        format!("{}-relay", self.base)
+    }
+    /// ConfigMap with the config file.
+    pub fn config_map(&self) -> String {
+        format!("{}-relay-config", self.base)
+    }
+}
+
+/// The replication slot a Logical relay owns: unique per namespace and name, at most 63 bytes,
+/// and only characters Postgres allows in slot names.
+pub fn slot_name(namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let stem: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(40).collect();
+    format!("obr_{stem}_{suffix}")
+}
+
+/// The relay config the Deployment runs with.
+pub fn relay_config(spec: &OutboxRelaySpec, namespace: &str, relay_name: &str, database: &str, outbox_table: &str) -> RelayConfig {
+    let table = if outbox_table.contains('.') { outbox_table.to_owned() } else { format!("public.{outbox_table}") };
+    let table_name = table.rsplit('.').next().unwrap_or("outbox");
+    RelayConfig {
+        mode: spec.mode,
+        table: table.clone(),
+        batch_size: u32::try_from(spec.batch_size).unwrap_or(500),
+        poll_interval_ms: u64::try_from(spec.poll_interval_ms).unwrap_or(250),
+        sink: spec.sink.clone(),
+        format: spec.format,
+        source: format!("/servicedb/{namespace}/{database}"),
+        slot: (spec.mode == RelayMode::Logical).then(|| slot_name(namespace, relay_name)),
+        publication: (spec.mode == RelayMode::Logical).then(|| format!("{table_name}_pub")),
+        listen: format!("0.0.0.0:{METRICS_PORT}"),
+        dead_letter: None,
+    }
+}
+
+/// Everything the Deployment builder needs.
+#[derive(Clone, Debug)]
+pub struct RelayParams<'a> {
+    /// OutboxRelay name.
+    pub name: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Controller ownerReference to the OutboxRelay.
+    pub owner: Option<OwnerReference>,
+    /// The spec.
+    pub spec: &'a OutboxRelaySpec,
+    /// The ServiceDatabase published.
+    pub database: &'a str,
+    /// The relay credentials Secret of that ServiceDatabase.
+    pub relay_secret: &'a str,
+    /// Image (the operator's own).
+    pub image: &'a str,
+    /// Checksum of the config file and the Secret's contents: a change rolls the pods.
+    pub checksum: String,
+}
+
+fn meta(name: String, p: &RelayParams<'_>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(p.namespace.to_owned()),
+        labels: Some(standard_labels(RELAY_COMPONENT, p.name)),
+        owner_references: p.owner.clone().map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The ConfigMap holding the config file.
+pub fn config_map(p: &RelayParams<'_>, config_yaml: String) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(RelayNames::new(p.name).config_map(), p),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_owned(), config_yaml)])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The ServiceAccount: the relay needs no Kubernetes API access, so no token is mounted.
+pub fn service_account(p: &RelayParams<'_>) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(RelayNames::new(p.name).deployment(), p),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        timeout_seconds: Some(3),
+        ..Probe::default()
+    }
+}
+
+/// The Deployment running `servicedb relay --config /etc/servicedb/relay.yaml`.
+pub fn deployment(p: &RelayParams<'_>) -> Deployment {
+    let names = RelayNames::new(p.name);
+    let mut pod_labels = standard_labels(RELAY_COMPONENT, p.name);
+    pod_labels.insert(DATABASE_LABEL.to_owned(), p.database.to_owned());
+    let env = PG_ENV
+        .iter()
+        .map(|(var, key)| EnvVar {
+            name: (*var).to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: p.relay_secret.to_owned(),
+                    key: (*key).to_owned(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        })
+        .chain([EnvVar { name: "RUST_LOG".to_owned(), value: Some("info".to_owned()), ..EnvVar::default() }])
+        .collect();
+    let container = Container {
+        name: "relay".to_owned(),
+        image: Some(p.image.to_owned()),
+        args: Some(vec!["relay".to_owned(), "--config".to_owned(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: METRICS_PORT,
+            ..ContainerPort::default()
+        }]),
+        resources: p.spec.resources.clone(),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "config".to_owned(), mount_path: CONFIG_DIR.to_owned(), read_only: Some(true), ..VolumeMount::default() },
+            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+        ]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(names.deployment(), p),
+        spec: Some(DeploymentSpec {
+            replicas: Some(p.spec.replicas),
+            selector: LabelSelector { match_labels: Some(selector_labels(RELAY_COMPONENT, p.name)), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), p.checksum.clone())])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    service_account_name: Some(names.deployment()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..SeccompProfile::default() }),
+                        ..PodSecurityContext::default()
+                    }),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource { name: names.config_map(), ..ConfigMapVolumeSource::default() }),
+                            ..Volume::default()
+                        },
+                        Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_short_lowercase_and_distinct_per_namespace() {
+        let a = slot_name("shop", "Orders-Events");
+        let b = slot_name("shop2", "Orders-Events");
+        assert_ne!(a, b);
+        assert!(a.len() <= 63);
+        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{a}");
+        assert!(slot_name("n", &"x".repeat(47)).len() <= 63);
+    }
+}
