@@ -123,8 +123,15 @@ go_wrapper_build() {
   local gov; gov="$(go env GOVERSION)"; gov="${gov#go}"
   printf 'module servicedb.local/%sbuild\n\ngo %s\n' "$name" "${gov%.*}" > "${work}/go.mod"
   log "${name} ${version}: building ${package}"
-  (cd "$work" && $NICE go get "${package}@${version}" && \
-    $NICE go build -trimpath -ldflags "-s -w ${6:-}" -o "${outfile}.tmp" "$package")
+  (cd "$work" && $NICE go get "${package}@${version}") || die "${name}: go get failed"
+  # Extra ldflags may name the k8s version the module was built against: @K8S_MAJOR@/@K8S_MINOR@.
+  local ld="${6:-}"
+  if [[ "$ld" == *@K8S_* ]]; then
+    local cg; cg="$(cd "$work" && go list -m -f '{{.Version}}' k8s.io/client-go)"   # v0.M.P
+    cg="${cg#v0.}"
+    ld="${ld//@K8S_MAJOR@/1}"; ld="${ld//@K8S_MINOR@/${cg%%.*}}"
+  fi
+  (cd "$work" && $NICE go build -trimpath -ldflags "-s -w ${ld}" -o "${outfile}.tmp" "$package") || die "${name}: build failed"
   mv "${outfile}.tmp" "$outfile"
   log "${name} ${version}: built ${outfile}"
 }
@@ -134,7 +141,9 @@ install_etcd() {
 }
 install_helm() {
   go_wrapper_build helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$(helm_bin)" \
-    "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
+    "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
+     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=@K8S_MAJOR@ -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=@K8S_MINOR@ \
+     -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=@K8S_MAJOR@ -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=@K8S_MINOR@"
 }
 install_nats() {
   go_wrapper_build nats-server github.com/nats-io/nats-server/v2 "$NATS_VERSION" github.com/nats-io/nats-server/v2 "$(nats_bin)"

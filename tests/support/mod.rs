@@ -164,6 +164,8 @@ where
 // ---- Kubernetes ------------------------------------------------------------------------------
 
 async fn kube_config() -> Result<kube::Config> {
+    // kube uses rustls; the process needs one crypto provider (ring, as in Cargo.toml).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(&env().kubeconfig)?;
     Ok(kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
 }
