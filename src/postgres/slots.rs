@@ -1,0 +1,129 @@
+//! Dropping replication slots, for a Logical relay that is gone and for database teardown
+//! (does database I/O).
+//!
+//! A slot nobody reads pins WAL forever and eventually fills the disk, so dropping it must
+//! succeed even while a (dying) relay still streams from it: the walsender is terminated first,
+//! then the drop is retried until the slot is released, within a bound.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tracing::{debug, info};
+
+use super::PgError;
+use super::connect::{ConnectError, ConnectParams, connect};
+
+/// How long to wait for a terminated walsender to release its slot.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a slot could not be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// Could not connect.
+    #[error("connecting to drop a replication slot: {0}")]
+    Connect(#[source] ConnectError),
+    /// Looking the slot up failed.
+    #[error("looking up replication slot {slot}: {source}")]
+    Lookup {
+        /// Slot.
+        slot: String,
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
+    /// Terminating the walsender that holds the slot failed (the admin needs membership of
+    /// the relay role or `pg_signal_backend`).
+    #[error("terminating the session (pid {pid}) using replication slot {slot}: {source}")]
+    Terminate {
+        /// Slot.
+        slot: String,
+        /// The walsender's pid.
+        pid: i32,
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
+    /// `pg_drop_replication_slot` failed (the admin needs REPLICATION or superuser).
+    #[error("dropping replication slot {slot}: {source}")]
+    Drop {
+        /// Slot.
+        slot: String,
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
+    /// The slot stayed in use after its session was terminated.
+    #[error("replication slot {slot} is still in use after {after:?}")]
+    StillActive {
+        /// Slot.
+        slot: String,
+        /// How long we waited.
+        after: Duration,
+    },
+}
+
+impl SlotError {
+    /// A short, stable category for Event reasons and metric labels.
+    pub fn category(&self) -> &'static str {
+        match self {
+            SlotError::Connect(e) => e.category(),
+            SlotError::Lookup { .. } => "ReadCatalogFailed",
+            SlotError::Terminate { .. } => "TerminateSlotSessionFailed",
+            SlotError::Drop { .. } => "DropSlotFailed",
+            SlotError::StillActive { .. } => "SlotStillActive",
+        }
+    }
+}
+
+/// Drops replication slot `slot` if it exists; `Ok(false)` when there was nothing to drop.
+/// `admin` may point at any database: slots are cluster-wide for this purpose.
+pub async fn drop_slot(admin: &ConnectParams, slot: &str) -> Result<bool, SlotError> {
+    let client = connect(admin).await.map_err(SlotError::Connect)?;
+    drop_slot_with(&client, slot, RELEASE_TIMEOUT).await
+}
+
+/// [`drop_slot`] on an open connection.
+pub async fn drop_slot_with(client: &Client, slot: &str, release_timeout: Duration) -> Result<bool, SlotError> {
+    let deadline = tokio::time::Instant::now() + release_timeout;
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| SlotError::Lookup { slot: slot.to_owned(), source: e.into() })?;
+        let Some(row) = row else {
+            debug!(slot, "replication slot already gone");
+            return Ok(false);
+        };
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            info!(slot, pid, "terminating the session using the replication slot");
+            client
+                .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| SlotError::Terminate { slot: slot.to_owned(), pid, source: e.into() })?;
+        }
+        match client.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot]).await {
+            Ok(_) => {
+                info!(slot, "dropped replication slot");
+                return Ok(true);
+            }
+            Err(e) => {
+                let e = PgError(e);
+                match e.sqlstate() {
+                    // undefined_object: dropped concurrently.
+                    Some("42704") => return Ok(false),
+                    // object_in_use: the terminated walsender has not exited yet.
+                    Some("55006") if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Some("55006") => {
+                        return Err(SlotError::StillActive { slot: slot.to_owned(), after: release_timeout });
+                    }
+                    _ => return Err(SlotError::Drop { slot: slot.to_owned(), source: e }),
+                }
+            }
+        }
+    }
+}
