@@ -21,7 +21,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
@@ -82,12 +84,19 @@ impl ConnectParams {
 
     /// The same server and TLS settings, another database.
     pub fn with_dbname(&self, dbname: impl Into<String>) -> Self {
-        ConnectParams { dbname: dbname.into(), ..self.clone() }
+        ConnectParams {
+            dbname: dbname.into(),
+            ..self.clone()
+        }
     }
 
     /// The same server, database and TLS settings, another login.
     pub fn with_login(&self, user: impl Into<String>, password: Password) -> Self {
-        ConnectParams { user: user.into(), password, ..self.clone() }
+        ConnectParams {
+            user: user.into(),
+            password,
+            ..self.clone()
+        }
     }
 }
 
@@ -223,7 +232,11 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
                     source,
                 }
             } else {
-                ConnectError::Unreachable { host: params.host.clone(), port: params.port, source }
+                ConnectError::Unreachable {
+                    host: params.host.clone(),
+                    port: params.port,
+                    source,
+                }
             });
         }
         Ok(Ok(pair)) => pair,
@@ -233,7 +246,9 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
     tokio::spawn(async move {
         match connection.await {
             Ok(()) => debug!(%host, port, %dbname, "postgres connection closed"),
-            Err(e) => warn!(%host, port, %dbname, error = %PgError(e), "postgres connection failed"),
+            Err(e) => {
+                warn!(%host, port, %dbname, error = %PgError(e), "postgres connection failed")
+            }
         }
     });
     debug!(host = %params.host, port = params.port, user = %params.user, dbname = %params.dbname,
@@ -255,9 +270,9 @@ pub fn tls_config(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<ClientConf
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth(),
-        SslMode::VerifyFull => {
-            builder.with_root_certificates(root_store(ssl_mode, ca_pem)?).with_no_client_auth()
-        }
+        SslMode::VerifyFull => builder
+            .with_root_certificates(root_store(ssl_mode, ca_pem)?)
+            .with_no_client_auth(),
         SslMode::VerifyCa => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(root_store(ssl_mode, ca_pem)?),
@@ -278,7 +293,10 @@ pub fn tls_config(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<ClientConf
 }
 
 fn root_store(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<RootCertStore, ConnectError> {
-    let invalid = |reason: String| ConnectError::CaCertificate { ssl_mode: ssl_mode.as_libpq(), reason };
+    let invalid = |reason: String| ConnectError::CaCertificate {
+        ssl_mode: ssl_mode.as_libpq(),
+        reason,
+    };
     let mut roots = RootCertStore::empty();
     match ca_pem {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -353,8 +371,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

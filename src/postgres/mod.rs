@@ -44,7 +44,13 @@ impl PgError {
 impl fmt::Display for PgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(db) = self.0.as_db_error() {
-            write!(f, "{} {}: {}", db.severity(), db.code().code(), db.message())?;
+            write!(
+                f,
+                "{} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            )?;
             if let Some(detail) = db.detail() {
                 write!(f, " ({detail})")?;
             }
