@@ -120,6 +120,14 @@ impl Service {
         plan
     }
 
+    /// The same plan in steady state: the controller sets no passwords.
+    fn steady_plan(&self) -> DatabasePlan {
+        let mut plan = self.plan();
+        plan.app.set_password = None;
+        plan.relay.as_mut().unwrap().set_password = None;
+        plan
+    }
+
     fn role_names(&self) -> Vec<Ident> {
         self.roles.all().into_iter().cloned().collect()
     }
@@ -911,4 +919,40 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
         let e = connect(&p).await.expect_err("unverified server accepted");
         assert_eq!(e.category(), "ServerUnreachable", "{e}");
     }
+}
+
+#[tokio::test]
+async fn provisioning_behind_an_application_lock_fails_after_the_lock_timeout_instead_of_hanging() {
+    let svc = Service::new("locked");
+    provision(&superuser(), &svc.plan()).await.unwrap();
+    // Remove the trigger so the next run must take a lock on the outbox, then hold that lock.
+    superuser_in(&svc.database)
+        .await
+        .batch_execute("DROP TRIGGER outbox_notify ON outbox")
+        .await
+        .unwrap();
+    let app = svc.app().await;
+    app.batch_execute("BEGIN; LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let mut admin = superuser();
+    admin.lock_timeout = Some(Duration::from_millis(500));
+    let err = tokio::time::timeout(TIMEOUT, provision(&admin, &svc.steady_plan()))
+        .await
+        .expect("provision hung behind the lock")
+        .expect_err("provision succeeded despite the lock");
+    assert_eq!(
+        (err.category(), err.sqlstate()),
+        ("CreateOutboxFailed", Some("55P03")),
+        "{err}"
+    );
+
+    app.batch_execute("ROLLBACK").await.unwrap();
+    let report = provision(&admin, &svc.steady_plan()).await.unwrap();
+    assert_eq!(
+        report.changes,
+        vec!["created NOTIFY trigger outbox_notify on public.outbox".to_owned()]
+    );
+    svc.cleanup().await;
 }

@@ -57,6 +57,11 @@ pub struct ConnectParams {
     pub connect_timeout: Duration,
     /// `application_name`, so DBAs can tell the operator's sessions apart in `pg_stat_activity`.
     pub application_name: String,
+    /// Session `lock_timeout`: DDL waiting behind an application's long transaction fails
+    /// after this instead of stalling a reconcile forever. `None` keeps the server's setting.
+    pub lock_timeout: Option<Duration>,
+    /// Session `statement_timeout`. `None` keeps the server's setting.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl ConnectParams {
@@ -79,6 +84,18 @@ impl ConnectParams {
             ca_pem: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             application_name: "servicedb-operator".to_owned(),
+            lock_timeout: None,
+            statement_timeout: None,
+        }
+    }
+
+    /// These parameters with the bounds the operator's own DDL sessions use: 10 s to get a
+    /// lock, 5 min per statement (CREATE DATABASE copies a template; keep it generous).
+    pub fn for_ddl(&self) -> Self {
+        ConnectParams {
+            lock_timeout: Some(self.lock_timeout.unwrap_or(Duration::from_secs(10))),
+            statement_timeout: Some(self.statement_timeout.unwrap_or(Duration::from_secs(300))),
+            ..self.clone()
         }
     }
 
@@ -110,6 +127,8 @@ impl fmt::Debug for ConnectParams {
             .field("ssl_mode", &self.ssl_mode)
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .field("connect_timeout", &self.connect_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -208,6 +227,17 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
                 tokio_postgres::config::SslMode::Require
             }
         });
+
+    let mut options = Vec::new();
+    if let Some(t) = params.lock_timeout {
+        options.push(format!("-c lock_timeout={}", t.as_millis()));
+    }
+    if let Some(t) = params.statement_timeout {
+        options.push(format!("-c statement_timeout={}", t.as_millis()));
+    }
+    if !options.is_empty() {
+        config.options(options.join(" "));
+    }
 
     // `connect_timeout` bounds only the TCP connect; a server that accepts and then stalls in
     // TLS or authentication must not hang a reconcile, so the whole handshake is bounded too.

@@ -103,7 +103,7 @@ pub async fn deprovision(
     roles: &[Ident],
 ) -> Result<DeprovisionReport, DeprovisionError> {
     let mut report = DeprovisionReport::default();
-    let client = connect(admin)
+    let client = connect(&admin.for_ddl())
         .await
         .map_err(|source| DeprovisionError::Connect {
             database: database.clone(),

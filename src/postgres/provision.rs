@@ -96,6 +96,52 @@ impl DatabasePlan {
         }
     }
 
+    /// The plan for a ServiceDatabase spec (pure). `logical_relay` is true while any
+    /// OutboxRelay in `Logical` mode points at this database: it adds REPLICATION to the relay
+    /// role and maintains the outbox publication (both removed again when it turns false).
+    ///
+    /// The relay role exists whenever the outbox is enabled (its Secret does too) and always
+    /// gets the row-lock grant, so a `Poll` relay works without the controller tracking modes.
+    /// The cdc role gets REPLICATION (Debezium streams from a slot). No password is set: the
+    /// controller fills `set_password` when it has generated one or lost a Secret.
+    pub fn for_spec(
+        spec: &crate::api::ServiceDatabaseSpec,
+        logical_relay: bool,
+    ) -> Result<Self, super::IdentError> {
+        let roles = super::RoleNames::for_service(&spec.owner.service)?;
+        let mut plan =
+            DatabasePlan::new(Ident::new(spec.database_name())?, RolePlan::new(roles.app));
+        plan.extensions = spec
+            .database
+            .extensions
+            .iter()
+            .map(|e| Ident::new(e.0.as_str()))
+            .collect::<Result<_, _>>()?;
+        if let Some(outbox) = spec.enabled_outbox() {
+            plan.outbox = Some(QualifiedName::parse(&outbox.table)?);
+            plan.relay = Some(RolePlan {
+                replication: logical_relay,
+                ..RolePlan::new(roles.relay)
+            });
+            plan.outbox_publication = logical_relay;
+            plan.relay_row_locks = true;
+        }
+        if let Some(cdc) = &spec.cdc {
+            plan.cdc = Some(CdcPlan {
+                role: RolePlan {
+                    replication: true,
+                    ..RolePlan::new(roles.cdc)
+                },
+                tables: cdc
+                    .tables
+                    .iter()
+                    .map(|t| QualifiedName::parse(&t.0))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        Ok(plan)
+    }
+
     /// Every role with the attributes it should have.
     fn roles(&self) -> impl Iterator<Item = (&RolePlan, RoleAttributes)> {
         std::iter::once((&self.app, RoleAttributes::app_role()))
@@ -393,7 +439,7 @@ pub(crate) async fn admin_info(client: &Client) -> Result<Admin, tokio_postgres:
 }
 
 async fn connect_to(params: &ConnectParams, database: &str) -> Result<Client> {
-    connect(&params.with_dbname(database))
+    connect(&params.with_dbname(database).for_ddl())
         .await
         .map_err(|source| ProvisionError::Connect {
             database: database.to_owned(),
@@ -1107,4 +1153,55 @@ pub async fn set_role_password(
     })?;
     info!(%role, "set a new password");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> crate::api::ServiceDatabaseSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_spec_with_outbox_and_cdc_gives_three_roles_and_their_objects() {
+        let s = spec(
+            "owner: {service: orders-api}\n\
+             instance: {external: {host: pg, adminSecretRef: {name: a}}}\n\
+             database: {extensions: [pgcrypto]}\n\
+             outbox: {table: events.outbox}\n\
+             cdc: {tables: [public.orders], kafkaConnect: {url: 'http://c:8083'}, topicPrefix: cdc}\n",
+        );
+        let plan = DatabasePlan::for_spec(&s, true).unwrap();
+        assert_eq!(plan.database.as_str(), "orders_api");
+        assert_eq!(plan.app.name.as_str(), "orders_api");
+        let relay = plan.relay.as_ref().unwrap();
+        assert_eq!(
+            (relay.name.as_str(), relay.replication),
+            ("orders_api_relay", true)
+        );
+        assert!(plan.outbox_publication && plan.relay_row_locks);
+        assert_eq!(plan.outbox.as_ref().unwrap().to_string(), "events.outbox");
+        let cdc = plan.cdc.as_ref().unwrap();
+        assert_eq!(
+            (cdc.role.name.as_str(), cdc.role.replication),
+            ("orders_api_cdc", true)
+        );
+        assert_eq!(cdc.tables[0].to_string(), "public.orders");
+        assert_eq!(plan.extensions, vec![Ident::new("pgcrypto").unwrap()]);
+        assert!(plan.roles().all(|(r, _)| r.set_password.is_none()));
+    }
+
+    #[test]
+    fn a_spec_without_outbox_has_no_relay_role() {
+        let s = spec(
+            "owner: {service: billing}\n\
+             instance: {external: {host: pg, adminSecretRef: {name: a}}}\n\
+             database: {name: billing_db}\n\
+             outbox: {enabled: false}\n",
+        );
+        let plan = DatabasePlan::for_spec(&s, false).unwrap();
+        assert_eq!(plan.database.as_str(), "billing_db");
+        assert!(plan.relay.is_none() && plan.outbox.is_none() && plan.cdc.is_none());
+    }
 }

@@ -78,7 +78,9 @@ impl SlotError {
 /// Drops replication slot `slot` if it exists; `Ok(false)` when there was nothing to drop.
 /// `admin` may point at any database: slots are cluster-wide for this purpose.
 pub async fn drop_slot(admin: &ConnectParams, slot: &str) -> Result<bool, SlotError> {
-    let client = connect(admin).await.map_err(SlotError::Connect)?;
+    let client = connect(&admin.for_ddl())
+        .await
+        .map_err(SlotError::Connect)?;
     drop_slot_with(&client, slot, RELEASE_TIMEOUT).await
 }
 
