@@ -25,7 +25,7 @@ use std::fmt;
 pub use connect::{ConnectError, ConnectParams, SslMode, connect};
 pub use identifiers::{Ident, IdentError, QualifiedName, RoleNames, quote_ident};
 pub use passwords::Password;
-pub use provision::{DatabasePlan, ProvisionError, ProvisionReport, RolePlan};
+pub use provision::{CdcPlan, DatabasePlan, ProvisionError, ProvisionReport, RolePlan};
 
 /// A `tokio_postgres::Error` whose `Display` carries what the server said.
 ///
