@@ -50,6 +50,13 @@ build_kube() {
   gomod="$(cd "$work" && go mod download -json "k8s.io/kubernetes@${v}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
   local godirective
   godirective="$(awk '$1=="go"{print $2; exit}' "$gomod")"
+  # A version whose go.mod needs a newer Go than the local one (v1.37 may need 1.27) builds with the
+  # Go toolchain that the module proxy serves (golang.org/toolchain).
+  local localgo; localgo="$(go env GOVERSION)"; localgo="${localgo#go}"
+  if [[ "$(printf '%s\n%s\n' "$godirective" "$localgo" | sort -V | tail -1)" != "$localgo" ]]; then
+    export GOTOOLCHAIN="${KUBE_GOTOOLCHAIN:-go1.27.3}"
+    log "kubernetes ${v}: go.mod needs Go ${godirective}; using GOTOOLCHAIN=${GOTOOLCHAIN}"
+  fi
   # Staging modules: every k8s.io/* module the published go.mod requires at v0.0.0.
   local staging
   staging="$(awk '

@@ -38,7 +38,7 @@ fail_with_log() {
   local name="$1"
   log "---- last lines of ${LOGS}/${name}.log ----"
   tail -n 40 "${LOGS}/${name}.log" >&2 || true
-  die "${name} did not become ready; run 'hack/testenv.sh down' to clean up"
+  die "${name} did not become ready"
 }
 
 curl_k8s() { curl -sf --max-time 5 --cacert "${CERTS}/ca.crt" --cert "${CERTS}/admin.crt" --key "${CERTS}/admin.key" "$@"; }
@@ -313,6 +313,9 @@ up() {
     return 0
   fi
   if [[ -d "$PIDS" ]]; then log "stale or partial environment found: cleaning it"; down; fi
+  # If anything below fails, stop what was started: a failed `up` leaves nothing running.
+  UP_OK=0
+  trap '[[ ${UP_OK:-0} == 1 ]] || { log "up failed: stopping what was started (logs kept in ${LOGS})"; down; }' EXIT
   "${HACK_DIR}/install-deps.sh"
   KUBE_VERSION="$(cached_kube_version)" || die "no Kubernetes binaries cached"
   KUBE_BIN="$(kube_dir "$KUBE_VERSION")"
@@ -357,31 +360,45 @@ EOF
   wait_for kube-controller-manager "$WAIT_TIMEOUT" "$(pid_of kube-controller-manager)" check_kcm || fail_with_log kube-controller-manager
   wait_for kafka-connect "$WAIT_TIMEOUT" "$(pid_of kafka-connect)" check_connect || fail_with_log kafka-connect
   write_env
+  UP_OK=1
   log "test environment up in $((SECONDS - t0))s (start alone: $((SECONDS - t1))s): source ${ENV_FILE}"
 }
 
-# stop NAME: SIGTERM (SIGINT = fast shutdown for postgres) to the process group, SIGKILL after 30s.
+# stop NAME...: SIGTERM (SIGINT = fast shutdown for postgres) to each process group, then waits
+# for all of them; SIGKILL for what is still running after 30s.
 stop() {
-  local name="$1" pid sig=TERM
-  pid="$(pid_of "$name")" || return 0
-  [[ -n "$pid" ]] || return 0
-  [[ "$name" == postgres ]] && sig=INT
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -"$sig" -- "-$pid" 2>/dev/null || kill -"$sig" "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  local name pid sig pids=() names=()
+  for name in "$@"; do
+    pid="$(pid_of "$name")" || continue
+    [[ -n "$pid" ]] || continue
     if kill -0 "$pid" 2>/dev/null; then
-      log "${name}: still running after 30s, killing"
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+      sig=TERM; [[ "$name" == postgres ]] && sig=INT
+      kill -"$sig" -- "-$pid" 2>/dev/null || kill -"$sig" "$pid" 2>/dev/null || true
+      pids+=("$pid"); names+=("$name")
     fi
-    log "${name}: stopped (pid ${pid})"
-  fi
-  rm -f "${PIDS}/${name}.pid"
+    rm -f "${PIDS}/${name}.pid"
+  done
+  local i j running
+  for ((i = 0; i < 60; i++)); do
+    running=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
+    ((running)) || break
+    sleep 0.5
+  done
+  for j in "${!pids[@]}"; do
+    if kill -0 "${pids[$j]}" 2>/dev/null; then
+      log "${names[$j]}: still running after 30s, killing"
+      kill -KILL -- "-${pids[$j]}" 2>/dev/null || kill -KILL "${pids[$j]}" 2>/dev/null || true
+    fi
+    log "${names[$j]}: stopped (pid ${pids[$j]})"
+  done
 }
 
 down() {
-  local i
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop "${COMPONENTS[$i]}"; done
+  # Dependants first (Connect needs Kafka to shut down cleanly), then what they depend on.
+  stop kube-controller-manager kafka-connect nats postgres
+  stop kube-apiserver kafka
+  stop etcd
   rm -f "$ENV_FILE"
   if [[ -L "${RUN_DIR}/postgres" ]]; then
     local pgdata; pgdata="$(readlink "${RUN_DIR}/postgres")"
@@ -394,9 +411,17 @@ down() {
 # Sourcing this file (instead of running it) only defines the functions.
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0
 
+# One up/down at a time (several test binaries or make jobs may call `up` at once).
+with_lock() {
+  mkdir -p "$(dirname "$RUN_DIR")"
+  exec 9>"${RUN_DIR}.lock"
+  flock -w 900 9 || die "could not lock ${RUN_DIR}.lock"
+  "$@"
+}
+
 case "${1:-}" in
-  up) up ;;
-  down) down ;;
+  up) with_lock up ;;
+  down) with_lock down ;;
   status) if status; then log "test environment up: source ${ENV_FILE}"; else exit 1; fi ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

@@ -21,7 +21,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
@@ -55,6 +57,11 @@ pub struct ConnectParams {
     pub connect_timeout: Duration,
     /// `application_name`, so DBAs can tell the operator's sessions apart in `pg_stat_activity`.
     pub application_name: String,
+    /// Session `lock_timeout`: DDL waiting behind an application's long transaction fails
+    /// after this instead of stalling a reconcile forever. `None` keeps the server's setting.
+    pub lock_timeout: Option<Duration>,
+    /// Session `statement_timeout`. `None` keeps the server's setting.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl ConnectParams {
@@ -77,17 +84,36 @@ impl ConnectParams {
             ca_pem: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             application_name: "servicedb-operator".to_owned(),
+            lock_timeout: None,
+            statement_timeout: None,
+        }
+    }
+
+    /// These parameters with the bounds the operator's own DDL sessions use: 10 s to get a
+    /// lock, 5 min per statement (CREATE DATABASE copies a template; keep it generous).
+    pub fn for_ddl(&self) -> Self {
+        ConnectParams {
+            lock_timeout: Some(self.lock_timeout.unwrap_or(Duration::from_secs(10))),
+            statement_timeout: Some(self.statement_timeout.unwrap_or(Duration::from_secs(300))),
+            ..self.clone()
         }
     }
 
     /// The same server and TLS settings, another database.
     pub fn with_dbname(&self, dbname: impl Into<String>) -> Self {
-        ConnectParams { dbname: dbname.into(), ..self.clone() }
+        ConnectParams {
+            dbname: dbname.into(),
+            ..self.clone()
+        }
     }
 
     /// The same server, database and TLS settings, another login.
     pub fn with_login(&self, user: impl Into<String>, password: Password) -> Self {
-        ConnectParams { user: user.into(), password, ..self.clone() }
+        ConnectParams {
+            user: user.into(),
+            password,
+            ..self.clone()
+        }
     }
 }
 
@@ -101,6 +127,8 @@ impl fmt::Debug for ConnectParams {
             .field("ssl_mode", &self.ssl_mode)
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .field("connect_timeout", &self.connect_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -200,6 +228,17 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
             }
         });
 
+    let mut options = Vec::new();
+    if let Some(t) = params.lock_timeout {
+        options.push(format!("-c lock_timeout={}", t.as_millis()));
+    }
+    if let Some(t) = params.statement_timeout {
+        options.push(format!("-c statement_timeout={}", t.as_millis()));
+    }
+    if !options.is_empty() {
+        config.options(options.join(" "));
+    }
+
     // `connect_timeout` bounds only the TCP connect; a server that accepts and then stalls in
     // TLS or authentication must not hang a reconcile, so the whole handshake is bounded too.
     let connecting = config.connect(tls);
@@ -223,7 +262,11 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
                     source,
                 }
             } else {
-                ConnectError::Unreachable { host: params.host.clone(), port: params.port, source }
+                ConnectError::Unreachable {
+                    host: params.host.clone(),
+                    port: params.port,
+                    source,
+                }
             });
         }
         Ok(Ok(pair)) => pair,
@@ -233,7 +276,9 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
     tokio::spawn(async move {
         match connection.await {
             Ok(()) => debug!(%host, port, %dbname, "postgres connection closed"),
-            Err(e) => warn!(%host, port, %dbname, error = %PgError(e), "postgres connection failed"),
+            Err(e) => {
+                warn!(%host, port, %dbname, error = %PgError(e), "postgres connection failed")
+            }
         }
     });
     debug!(host = %params.host, port = params.port, user = %params.user, dbname = %params.dbname,
@@ -255,9 +300,9 @@ pub fn tls_config(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<ClientConf
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth(),
-        SslMode::VerifyFull => {
-            builder.with_root_certificates(root_store(ssl_mode, ca_pem)?).with_no_client_auth()
-        }
+        SslMode::VerifyFull => builder
+            .with_root_certificates(root_store(ssl_mode, ca_pem)?)
+            .with_no_client_auth(),
         SslMode::VerifyCa => {
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(root_store(ssl_mode, ca_pem)?),
@@ -278,7 +323,10 @@ pub fn tls_config(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<ClientConf
 }
 
 fn root_store(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<RootCertStore, ConnectError> {
-    let invalid = |reason: String| ConnectError::CaCertificate { ssl_mode: ssl_mode.as_libpq(), reason };
+    let invalid = |reason: String| ConnectError::CaCertificate {
+        ssl_mode: ssl_mode.as_libpq(),
+        reason,
+    };
     let mut roots = RootCertStore::empty();
     match ca_pem {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -353,8 +401,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -103,10 +103,18 @@ pub async fn deprovision(
     roles: &[Ident],
 ) -> Result<DeprovisionReport, DeprovisionError> {
     let mut report = DeprovisionReport::default();
-    let client = connect(admin)
+    let client = connect(&admin.for_ddl())
         .await
-        .map_err(|source| DeprovisionError::Connect { database: database.clone(), source })?;
-    let catalog = |what| move |e: tokio_postgres::Error| DeprovisionError::ReadCatalog { what, source: e.into() };
+        .map_err(|source| DeprovisionError::Connect {
+            database: database.clone(),
+            source,
+        })?;
+    let catalog = |what| {
+        move |e: tokio_postgres::Error| DeprovisionError::ReadCatalog {
+            what,
+            source: e.into(),
+        }
+    };
     let who = admin_info(&client).await.map_err(catalog("admin role"))?;
 
     let owner: Option<String> = client
@@ -120,12 +128,21 @@ pub async fn deprovision(
     if let Some(owner) = owner {
         // A non-superuser may drop only a database whose owner it is a member of. Provisioning
         // granted that; a half-finished provisioning may not have.
-        if let Some(owner) = roles.iter().find(|r| r.as_str() == owner) {
-            if !who.superuser && !admin_is_member(&client, &who, owner).await.map_err(catalog("membership"))? {
-                exec(&client, &sql::grant_role_to_admin(owner, &who.name, who.server_version_num))
-                    .await
-                    .map_err(|source| DeprovisionError::GrantMembership { role: owner.clone(), source })?;
-            }
+        if let Some(owner) = roles.iter().find(|r| r.as_str() == owner)
+            && !who.superuser
+            && !admin_is_member(&client, &who, owner)
+                .await
+                .map_err(catalog("membership"))?
+        {
+            exec(
+                &client,
+                &sql::grant_role_to_admin(owner, &who.name, who.server_version_num),
+            )
+            .await
+            .map_err(|source| DeprovisionError::GrantMembership {
+                role: owner.clone(),
+                source,
+            })?;
         }
         let slots = client
             .query(
@@ -138,27 +155,39 @@ pub async fn deprovision(
             let slot: String = row.get(0);
             if drop_slot_with(&client, &slot, RELEASE_TIMEOUT)
                 .await
-                .map_err(|source| DeprovisionError::DropSlot { database: database.clone(), source })?
+                .map_err(|source| DeprovisionError::DropSlot {
+                    database: database.clone(),
+                    source,
+                })?
             {
                 report.change(format!("dropped replication slot {slot}"));
             }
         }
         exec(&client, &sql::drop_database(database))
             .await
-            .map_err(|source| DeprovisionError::DropDatabase { database: database.clone(), source })?;
+            .map_err(|source| DeprovisionError::DropDatabase {
+                database: database.clone(),
+                source,
+            })?;
         report.change(format!("dropped database {database}"));
     }
 
     for role in roles {
         let exists = client
-            .query_opt("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", &[&role.as_str()])
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&role.as_str()],
+            )
             .await
             .map_err(catalog("role"))?
             .is_some();
         if exists {
             exec(&client, &sql::drop_role(role))
                 .await
-                .map_err(|source| DeprovisionError::DropRole { role: role.clone(), source })?;
+                .map_err(|source| DeprovisionError::DropRole {
+                    role: role.clone(),
+                    source,
+                })?;
             report.change(format!("dropped role {role}"));
         }
     }

@@ -76,7 +76,10 @@ impl Ident {
             return Err(IdentError::Empty);
         };
         if s.len() > MAX_IDENT_LEN {
-            return Err(IdentError::TooLong { len: s.len(), ident: s });
+            return Err(IdentError::TooLong {
+                len: s.len(),
+                ident: s,
+            });
         }
         let first_ok = first.is_ascii_lowercase() || first == '_';
         let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
@@ -118,7 +121,12 @@ impl Ident {
         let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
         // ASCII only (validated), so byte slicing is on a char boundary.
         let keep = MAX_IDENT_LEN.saturating_sub(suffix.len() + 1 + hash.len());
-        Ident(format!("{}_{}{}", &self.0[..keep.min(self.0.len())], hash, suffix))
+        Ident(format!(
+            "{}_{}{}",
+            &self.0[..keep.min(self.0.len())],
+            hash,
+            suffix
+        ))
     }
 }
 
@@ -187,7 +195,10 @@ impl QualifiedName {
         if schema.is_empty() || name.is_empty() {
             return Err(invalid());
         }
-        Ok(QualifiedName { schema: Ident::new(schema)?, name: Ident::new(name)? })
+        Ok(QualifiedName {
+            schema: Ident::new(schema)?,
+            name: Ident::new(name)?,
+        })
     }
 
     /// `"schema"."name"`, for SQL text.
@@ -329,8 +340,20 @@ mod tests {
     #[test]
     fn identifiers_outside_the_admission_pattern_are_rejected() {
         assert_eq!(Ident::new(""), Err(IdentError::Empty));
-        assert!(matches!(Ident::new("x".repeat(64)), Err(IdentError::TooLong { len: 64, .. })));
-        for bad in ["Orders", "1abc", "a-b", "a b", "x\"; drop table y; --", "a.b", "é", "a\0"] {
+        assert!(matches!(
+            Ident::new("x".repeat(64)),
+            Err(IdentError::TooLong { len: 64, .. })
+        ));
+        for bad in [
+            "Orders",
+            "1abc",
+            "a-b",
+            "a b",
+            "x\"; drop table y; --",
+            "a.b",
+            "é",
+            "a\0",
+        ] {
             assert!(
                 matches!(Ident::new(bad), Err(IdentError::InvalidCharacter { .. })),
                 "{bad:?} accepted"
@@ -341,7 +364,10 @@ mod tests {
     #[test]
     fn quoting_doubles_embedded_double_quotes() {
         assert_eq!(quote_ident("orders"), "\"orders\"");
-        assert_eq!(quote_ident("x\"; drop table y; --"), "\"x\"\"; drop table y; --\"");
+        assert_eq!(
+            quote_ident("x\"; drop table y; --"),
+            "\"x\"\"; drop table y; --\""
+        );
     }
 
     #[test]
@@ -373,7 +399,10 @@ mod tests {
         let short = QualifiedName::parse("events.outbox").unwrap();
         assert_eq!(outbox_publication(&short).as_str(), "outbox_pub");
         assert_eq!(outbox_notify_channel(&short).as_str(), "outbox_outbox");
-        assert_eq!(cdc_publication(&Ident::new("orders").unwrap()).as_str(), "orders_cdc_pub");
+        assert_eq!(
+            cdc_publication(&Ident::new("orders").unwrap()).as_str(),
+            "orders_cdc_pub"
+        );
 
         let a = QualifiedName::parse(&"a".repeat(63)).unwrap();
         let b = QualifiedName::parse(&format!("{}b", "a".repeat(62))).unwrap();

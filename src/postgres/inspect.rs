@@ -102,10 +102,18 @@ pub async fn inspect(
     roles: &[Ident],
     outbox: Option<&QualifiedName>,
 ) -> Result<Inspection, InspectError> {
-    let q = |what| move |e: tokio_postgres::Error| InspectError::Query { what, source: e.into() };
+    let q = |what| {
+        move |e: tokio_postgres::Error| InspectError::Query {
+            what,
+            source: e.into(),
+        }
+    };
     let client = connect(admin)
         .await
-        .map_err(|source| InspectError::Connect { database: admin.dbname.clone(), source })?;
+        .map_err(|source| InspectError::Connect {
+            database: admin.dbname.clone(),
+            source,
+        })?;
     let server_version_num: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -122,7 +130,10 @@ pub async fn inspect(
     let mut role_states = Vec::with_capacity(roles.len());
     for role in roles {
         let attributes = role_attributes(&client, role).await.map_err(q("role"))?;
-        role_states.push(RoleState { name: role.clone(), attributes });
+        role_states.push(RoleState {
+            name: role.clone(),
+            attributes,
+        });
     }
     drop(client);
 
@@ -130,18 +141,34 @@ pub async fn inspect(
         (Some(table), Some(_)) => {
             let db = connect(&admin.with_dbname(database.as_str()))
                 .await
-                .map_err(|source| InspectError::Connect { database: database.to_string(), source })?;
+                .map_err(|source| InspectError::Connect {
+                    database: database.to_string(),
+                    source,
+                })?;
             let owner = table_owner(&db, table).await.map_err(q("outbox table"))?;
             let problems = if owner.is_some() {
-                outbox_column_problems(&table_columns(&db, table).await.map_err(q("outbox columns"))?)
+                outbox_column_problems(
+                    &table_columns(&db, table)
+                        .await
+                        .map_err(q("outbox columns"))?,
+                )
             } else {
                 Vec::new()
             };
-            Some(OutboxState { table: table.clone(), owner, problems })
+            Some(OutboxState {
+                table: table.clone(),
+                owner,
+                problems,
+            })
         }
         _ => None,
     };
-    Ok(Inspection { server_version_num, database_owner, roles: role_states, outbox })
+    Ok(Inspection {
+        server_version_num,
+        database_owner,
+        roles: role_states,
+        outbox,
+    })
 }
 
 /// The columns the relay and Debezium's outbox router rely on, with `format_type` spellings.
@@ -227,7 +254,10 @@ pub(crate) async fn schema_exists<C: GenericClient + Sync>(
     schema: &Ident,
 ) -> Result<bool, tokio_postgres::Error> {
     Ok(client
-        .query_opt("SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", &[&schema.as_str()])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
         .await?
         .is_some())
 }
@@ -259,7 +289,11 @@ pub(crate) async fn trigger_exists<C: GenericClient + Sync>(
             "SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = $3",
-            &[&table.schema.as_str(), &table.name.as_str(), &trigger.as_str()],
+            &[
+                &table.schema.as_str(),
+                &table.name.as_str(),
+                &trigger.as_str(),
+            ],
         )
         .await?
         .is_some())
@@ -282,7 +316,10 @@ pub(crate) async fn table_privileges<C: GenericClient + Sync>(
             &[&table.schema.as_str(), &table.name.as_str(), &role.as_str()],
         )
         .await?;
-    Ok(rows.iter().filter_map(|r| TablePrivilege::parse(r.get(0))).collect())
+    Ok(rows
+        .iter()
+        .filter_map(|r| TablePrivilege::parse(r.get(0)))
+        .collect())
 }
 
 /// Tables of a publication, `None` when the publication does not exist. Names that do not
@@ -292,7 +329,10 @@ pub(crate) async fn publication_tables<C: GenericClient + Sync>(
     publication: &Ident,
 ) -> Result<Option<BTreeSet<QualifiedName>>, tokio_postgres::Error> {
     let exists = client
-        .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&publication.as_str()])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication.as_str()],
+        )
         .await?
         .is_some();
     if !exists {
@@ -321,7 +361,10 @@ mod tests {
 
     #[test]
     fn an_outbox_with_every_column_has_no_problems() {
-        let cols: Vec<_> = OUTBOX_COLUMNS.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+        let cols: Vec<_> = OUTBOX_COLUMNS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
         assert!(outbox_column_problems(&cols).is_empty());
     }
 

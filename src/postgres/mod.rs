@@ -25,7 +25,7 @@ use std::fmt;
 pub use connect::{ConnectError, ConnectParams, SslMode, connect};
 pub use identifiers::{Ident, IdentError, QualifiedName, RoleNames, quote_ident};
 pub use passwords::Password;
-pub use provision::{DatabasePlan, ProvisionError, ProvisionReport, RolePlan};
+pub use provision::{CdcPlan, DatabasePlan, ProvisionError, ProvisionReport, RolePlan};
 
 /// A `tokio_postgres::Error` whose `Display` carries what the server said.
 ///
@@ -44,7 +44,13 @@ impl PgError {
 impl fmt::Display for PgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(db) = self.0.as_db_error() {
-            write!(f, "{} {}: {}", db.severity(), db.code().code(), db.message())?;
+            write!(
+                f,
+                "{} {}: {}",
+                db.severity(),
+                db.code().code(),
+                db.message()
+            )?;
             if let Some(detail) = db.detail() {
                 write!(f, " ({detail})")?;
             }

@@ -23,8 +23,11 @@ impl Password {
     /// Generates a new random password from the thread-local CSPRNG (ChaCha, seeded and
     /// periodically reseeded from the operating system).
     pub fn generate() -> Password {
-        let s: String =
-            rand::rng().sample_iter(&Alphanumeric).take(PASSWORD_LEN).map(char::from).collect();
+        let s: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(PASSWORD_LEN)
+            .map(char::from)
+            .collect();
         Password(s)
     }
 
@@ -42,7 +45,9 @@ impl Password {
     /// The SCRAM-SHA-256 verifier of this password with a fresh random salt (4096 iterations,
     /// Postgres' default).
     pub fn scram_verifier(&self) -> ScramVerifier {
-        ScramVerifier(postgres_protocol::password::scram_sha_256(self.0.as_bytes()))
+        ScramVerifier(postgres_protocol::password::scram_sha_256(
+            self.0.as_bytes(),
+        ))
     }
 }
 
@@ -86,12 +91,18 @@ mod tests {
     fn verifiers_are_salted_scram_sha_256_without_the_plaintext() {
         let p = Password::from_plaintext("correct horse battery staple");
         let (v1, v2) = (p.scram_verifier(), p.scram_verifier());
-        assert!(v1.as_str().starts_with("SCRAM-SHA-256$4096:"), "{}", v1.as_str());
+        assert!(
+            v1.as_str().starts_with("SCRAM-SHA-256$4096:"),
+            "{}",
+            v1.as_str()
+        );
         assert_ne!(v1, v2, "each verifier has its own salt");
         assert!(!v1.as_str().contains("horse"));
         // Base64, digits and separators only: nothing a literal needs to escape.
         assert!(
-            v1.as_str().chars().all(|c| c.is_ascii_alphanumeric() || "+/=$:-".contains(c)),
+            v1.as_str()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=$:-".contains(c)),
             "{}",
             v1.as_str()
         );

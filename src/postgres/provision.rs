@@ -31,14 +31,19 @@ pub struct RolePlan {
     /// A password to set now: on creation, and when its credentials Secret was lost. `None`
     /// leaves an existing password alone; the controller decides, never this module.
     pub set_password: Option<Password>,
-    /// REPLICATION attribute (Logical relay, CDC). Revoked when no longer asked for.
+    /// REPLICATION attribute (Logical relay, CDC). Revoked when no longer asked for. Ignored
+    /// for the app role, which never gets it.
     pub replication: bool,
 }
 
 impl RolePlan {
     /// A role without REPLICATION and without a password change.
     pub fn new(name: Ident) -> Self {
-        RolePlan { name, set_password: None, replication: false }
+        RolePlan {
+            name,
+            set_password: None,
+            replication: false,
+        }
     }
 }
 
@@ -69,6 +74,11 @@ pub struct DatabasePlan {
     pub outbox: Option<QualifiedName>,
     /// Maintain the `<table>_pub` publication (a Logical relay needs it); dropped when false.
     pub outbox_publication: bool,
+    /// Also grant the relay `UPDATE (created_at)` on the outbox. Postgres requires UPDATE on
+    /// at least one column for `SELECT ... FOR UPDATE [SKIP LOCKED]`, so a Poll relay that
+    /// claims rows with row locks needs this; one harmless column keeps the grant minimal.
+    /// Revoked when false.
+    pub relay_row_locks: bool,
 }
 
 impl DatabasePlan {
@@ -82,13 +92,69 @@ impl DatabasePlan {
             extensions: Vec::new(),
             outbox: None,
             outbox_publication: false,
+            relay_row_locks: false,
         }
     }
 
-    fn roles(&self) -> impl Iterator<Item = &RolePlan> {
-        std::iter::once(&self.app)
-            .chain(self.relay.as_ref())
-            .chain(self.cdc.as_ref().map(|c| &c.role))
+    /// The plan for a ServiceDatabase spec (pure). `logical_relay` is true while any
+    /// OutboxRelay in `Logical` mode points at this database: it adds REPLICATION to the relay
+    /// role and maintains the outbox publication (both removed again when it turns false).
+    ///
+    /// The relay role exists whenever the outbox is enabled (its Secret does too) and always
+    /// gets the row-lock grant, so a `Poll` relay works without the controller tracking modes.
+    /// The cdc role gets REPLICATION (Debezium streams from a slot). No password is set: the
+    /// controller fills `set_password` when it has generated one or lost a Secret.
+    pub fn for_spec(
+        spec: &crate::api::ServiceDatabaseSpec,
+        logical_relay: bool,
+    ) -> Result<Self, super::IdentError> {
+        let roles = super::RoleNames::for_service(&spec.owner.service)?;
+        let mut plan =
+            DatabasePlan::new(Ident::new(spec.database_name())?, RolePlan::new(roles.app));
+        plan.extensions = spec
+            .database
+            .extensions
+            .iter()
+            .map(|e| Ident::new(e.0.as_str()))
+            .collect::<Result<_, _>>()?;
+        if let Some(outbox) = spec.enabled_outbox() {
+            plan.outbox = Some(QualifiedName::parse(&outbox.table)?);
+            plan.relay = Some(RolePlan {
+                replication: logical_relay,
+                ..RolePlan::new(roles.relay)
+            });
+            plan.outbox_publication = logical_relay;
+            plan.relay_row_locks = true;
+        }
+        if let Some(cdc) = &spec.cdc {
+            plan.cdc = Some(CdcPlan {
+                role: RolePlan {
+                    replication: true,
+                    ..RolePlan::new(roles.cdc)
+                },
+                tables: cdc
+                    .tables
+                    .iter()
+                    .map(|t| QualifiedName::parse(&t.0))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Every role with the attributes it should have.
+    fn roles(&self) -> impl Iterator<Item = (&RolePlan, RoleAttributes)> {
+        std::iter::once((&self.app, RoleAttributes::app_role()))
+            .chain(
+                self.relay
+                    .iter()
+                    .map(|r| (r, RoleAttributes::service_role(r.replication))),
+            )
+            .chain(
+                self.cdc
+                    .iter()
+                    .map(|c| (&c.role, RoleAttributes::service_role(c.role.replication))),
+            )
     }
 }
 
@@ -365,17 +431,27 @@ pub(crate) async fn admin_info(client: &Client) -> Result<Admin, tokio_postgres:
             &[],
         )
         .await?;
-    Ok(Admin { name: row.get(0), superuser: row.get(1), server_version_num: row.get(2) })
+    Ok(Admin {
+        name: row.get(0),
+        superuser: row.get(1),
+        server_version_num: row.get(2),
+    })
 }
 
 async fn connect_to(params: &ConnectParams, database: &str) -> Result<Client> {
-    connect(&params.with_dbname(database))
+    connect(&params.with_dbname(database).for_ddl())
         .await
-        .map_err(|source| ProvisionError::Connect { database: database.to_owned(), source })
+        .map_err(|source| ProvisionError::Connect {
+            database: database.to_owned(),
+            source,
+        })
 }
 
 fn catalog(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ProvisionError {
-    move |e| ProvisionError::ReadCatalog { what, source: e.into() }
+    move |e| ProvisionError::ReadCatalog {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Runs a statement that holds no secret; its text is logged at debug level.
@@ -398,8 +474,8 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     debug!(admin = %who.name, superuser = who.superuser, version = who.server_version_num,
         database = %plan.database, "provisioning");
 
-    for role in plan.roles() {
-        ensure_role(&client, role, &mut report).await?;
+    for (role, attributes) in plan.roles() {
+        ensure_role(&client, role, &attributes, &mut report).await?;
         ensure_admin_membership(&client, &who, &role.name, &mut report).await?;
     }
     ensure_database(&client, plan, &mut report).await?;
@@ -418,22 +494,30 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     ensure_extensions(&tx, &who, plan, &mut report).await?;
 
     // From here on, act as the app role: it owns what gets created and it is the grantor.
-    exec(&tx, &sql::set_role(&plan.app.name)).await.map_err(|source| ProvisionError::Transaction {
-        database: plan.database.clone(),
-        source,
-    })?;
+    exec(&tx, &sql::set_role(&plan.app.name))
+        .await
+        .map_err(|source| ProvisionError::Transaction {
+            database: plan.database.clone(),
+            source,
+        })?;
     revoke_public_create(&tx, &mut report).await?;
     if let Some(outbox) = &plan.outbox {
         ensure_outbox(&tx, outbox, &mut report).await?;
         if let Some(relay) = &plan.relay {
             let privs = BTreeSet::from([TablePrivilege::Select, TablePrivilege::Delete]);
             ensure_table_privileges(&tx, &relay.name, outbox, &privs, &mut report).await?;
+            ensure_row_lock_column(&tx, &relay.name, outbox, plan.relay_row_locks, &mut report)
+                .await?;
         }
     }
     let mut cdc_tables = Vec::new();
     if let Some(cdc) = &plan.cdc {
         for table in &cdc.tables {
-            if inspect::table_owner(&tx, table).await.map_err(catalog("cdc table"))?.is_none() {
+            if inspect::table_owner(&tx, table)
+                .await
+                .map_err(catalog("cdc table"))?
+                .is_none()
+            {
                 report.missing_cdc_tables.push(table.clone());
                 continue;
             }
@@ -461,28 +545,47 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     Ok(report)
 }
 
-async fn ensure_role(client: &Client, role: &RolePlan, report: &mut ProvisionReport) -> Result<()> {
-    let desired = RoleAttributes::service_role(role.replication);
+async fn ensure_role(
+    client: &Client,
+    role: &RolePlan,
+    desired: &RoleAttributes,
+    report: &mut ProvisionReport,
+) -> Result<()> {
     let verifier = role.set_password.as_ref().map(Password::scram_verifier);
-    match inspect::role_attributes(client, &role.name).await.map_err(catalog("role"))? {
+    match inspect::role_attributes(client, &role.name)
+        .await
+        .map_err(catalog("role"))?
+    {
         None => {
-            exec_secret(client, &sql::create_role(&role.name, &desired, verifier.as_ref()))
-                .await
-                .map_err(|source| ProvisionError::CreateRole { role: role.name.clone(), source })?;
+            exec_secret(
+                client,
+                &sql::create_role(&role.name, desired, verifier.as_ref()),
+            )
+            .await
+            .map_err(|source| ProvisionError::CreateRole {
+                role: role.name.clone(),
+                source,
+            })?;
             report.change(format!("created role {}", role.name));
         }
         Some(current) => {
-            let changes = sql::attribute_changes(&current, &desired);
+            let changes = sql::attribute_changes(&current, desired);
             if !changes.is_empty() {
-                exec(client, &sql::alter_role(&role.name, &changes)).await.map_err(|source| {
-                    ProvisionError::AlterRole { role: role.name.clone(), source }
-                })?;
+                exec(client, &sql::alter_role(&role.name, &changes))
+                    .await
+                    .map_err(|source| ProvisionError::AlterRole {
+                        role: role.name.clone(),
+                        source,
+                    })?;
                 report.change(format!("altered role {}: {}", role.name, changes.join(" ")));
             }
             if let Some(v) = &verifier {
-                exec_secret(client, &sql::alter_role_password(&role.name, v)).await.map_err(
-                    |source| ProvisionError::SetPassword { role: role.name.clone(), source },
-                )?;
+                exec_secret(client, &sql::alter_role_password(&role.name, v))
+                    .await
+                    .map_err(|source| ProvisionError::SetPassword {
+                        role: role.name.clone(),
+                        source,
+                    })?;
                 report.change(format!("set the password of role {}", role.name));
             }
         }
@@ -501,10 +604,19 @@ async fn ensure_admin_membership(
     if admin.superuser {
         return Ok(());
     }
-    if !admin_is_member(client, admin, role).await.map_err(catalog("role membership"))? {
-        exec(client, &sql::grant_role_to_admin(role, &admin.name, admin.server_version_num))
-            .await
-            .map_err(|source| ProvisionError::GrantMembership { role: role.clone(), source })?;
+    if !admin_is_member(client, admin, role)
+        .await
+        .map_err(catalog("role membership"))?
+    {
+        exec(
+            client,
+            &sql::grant_role_to_admin(role, &admin.name, admin.server_version_num),
+        )
+        .await
+        .map_err(|source| ProvisionError::GrantMembership {
+            role: role.clone(),
+            source,
+        })?;
         report.change(format!("granted role {role} to admin {}", admin.name));
     }
     Ok(())
@@ -531,7 +643,11 @@ pub(crate) async fn admin_is_member(
     Ok(client.query_one(&query, &[&role.as_str()]).await?.get(0))
 }
 
-async fn ensure_database(client: &Client, plan: &DatabasePlan, report: &mut ProvisionReport) -> Result<()> {
+async fn ensure_database(
+    client: &Client,
+    plan: &DatabasePlan,
+    report: &mut ProvisionReport,
+) -> Result<()> {
     let db = &plan.database;
     let owner: Option<String> = client
         .query_opt(
@@ -546,37 +662,55 @@ async fn ensure_database(client: &Client, plan: &DatabasePlan, report: &mut Prov
             // Not in a transaction: CREATE DATABASE refuses to run in one.
             exec(client, &sql::create_database(db, &plan.app.name))
                 .await
-                .map_err(|source| ProvisionError::CreateDatabase { database: db.clone(), source })?;
+                .map_err(|source| ProvisionError::CreateDatabase {
+                    database: db.clone(),
+                    source,
+                })?;
             report.change(format!("created database {db} owned by {}", plan.app.name));
         }
         Some(owner) if owner != plan.app.name.as_str() => {
-            exec(client, &sql::alter_database_owner(db, &plan.app.name)).await.map_err(|source| {
-                ProvisionError::AlterDatabaseOwner {
+            exec(client, &sql::alter_database_owner(db, &plan.app.name))
+                .await
+                .map_err(|source| ProvisionError::AlterDatabaseOwner {
                     database: db.clone(),
                     owner: plan.app.name.clone(),
                     source,
-                }
-            })?;
-            report.change(format!("changed the owner of database {db} from {owner} to {}", plan.app.name));
+                })?;
+            report.change(format!(
+                "changed the owner of database {db} from {owner} to {}",
+                plan.app.name
+            ));
         }
         Some(_) => {}
     }
 
     let public_privs = database_privileges(client, db, None).await?;
-    if public_privs.iter().any(|p| p == "CONNECT" || p == "TEMPORARY") {
+    if public_privs
+        .iter()
+        .any(|p| p == "CONNECT" || p == "TEMPORARY")
+    {
         exec(client, &sql::revoke_database_from_public(db))
             .await
-            .map_err(|source| ProvisionError::RestrictDatabase { database: db.clone(), source })?;
-        report.change(format!("revoked CONNECT and TEMPORARY on database {db} from PUBLIC"));
+            .map_err(|source| ProvisionError::RestrictDatabase {
+                database: db.clone(),
+                source,
+            })?;
+        report.change(format!(
+            "revoked CONNECT and TEMPORARY on database {db} from PUBLIC"
+        ));
     }
     // The app owns the database and holds CONNECT through ownership; the others need a grant.
     let grantees = plan.relay.iter().chain(plan.cdc.as_ref().map(|c| &c.role));
     for role in grantees {
         let privs = database_privileges(client, db, Some(&role.name)).await?;
         if !privs.iter().any(|p| p == "CONNECT") {
-            exec(client, &sql::grant_connect(db, &role.name)).await.map_err(|source| {
-                ProvisionError::GrantConnect { database: db.clone(), role: role.name.clone(), source }
-            })?;
+            exec(client, &sql::grant_connect(db, &role.name))
+                .await
+                .map_err(|source| ProvisionError::GrantConnect {
+                    database: db.clone(),
+                    role: role.name.clone(),
+                    source,
+                })?;
             report.change(format!("granted CONNECT on database {db} to {}", role.name));
         }
     }
@@ -585,7 +719,11 @@ async fn ensure_database(client: &Client, plan: &DatabasePlan, report: &mut Prov
 
 /// Privileges granted directly on a database to `role` (PUBLIC when `None`), read from the ACL
 /// itself rather than `has_database_privilege`, which would also count ownership and membership.
-async fn database_privileges(client: &Client, db: &Ident, role: Option<&Ident>) -> Result<Vec<String>> {
+async fn database_privileges(
+    client: &Client,
+    db: &Ident,
+    role: Option<&Ident>,
+) -> Result<Vec<String>> {
     let rows = client
         .query(
             "SELECT a.privilege_type FROM pg_catalog.pg_database d, \
@@ -624,16 +762,21 @@ async fn secure_public_schema_owner(
     if owner == "pg_database_owner" || owner == plan.app.name.as_str() {
         return Ok(());
     }
-    let sp = tx.savepoint("public_schema").await.map_err(|e| ProvisionError::SecurePublicSchema {
-        source: e.into(),
-    })?;
+    let sp = tx
+        .savepoint("public_schema")
+        .await
+        .map_err(|e| ProvisionError::SecurePublicSchema { source: e.into() })?;
     match exec(&sp, &sql::alter_schema_owner(&public, &plan.app.name)).await {
         Ok(()) => {
-            sp.commit().await.map_err(|e| ProvisionError::SecurePublicSchema { source: e.into() })?;
+            sp.commit()
+                .await
+                .map_err(|e| ProvisionError::SecurePublicSchema { source: e.into() })?;
             report.change(format!("made {} the owner of schema public", plan.app.name));
         }
         Err(e) if !admin.superuser && e.sqlstate() == Some("42501") => {
-            sp.rollback().await.map_err(|e| ProvisionError::SecurePublicSchema { source: e.into() })?;
+            sp.rollback()
+                .await
+                .map_err(|e| ProvisionError::SecurePublicSchema { source: e.into() })?;
             report.warnings.push(format!(
                 "schema public is owned by {owner} and the admin may not hand it to {}: {e}",
                 plan.app.name
@@ -674,16 +817,24 @@ async fn ensure_extensions(
 ) -> Result<()> {
     for ext in &plan.extensions {
         let exists = tx
-            .query_opt("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = $1", &[&ext.as_str()])
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_extension WHERE extname = $1",
+                &[&ext.as_str()],
+            )
             .await
             .map_err(catalog("extension"))?
             .is_some();
         if exists {
             continue;
         }
-        let err = |source| ProvisionError::CreateExtension { extension: ext.clone(), source };
+        let err = |source| ProvisionError::CreateExtension {
+            extension: ext.clone(),
+            source,
+        };
         if !admin.superuser {
-            exec(tx, &sql::set_role(&plan.app.name)).await.map_err(err)?;
+            exec(tx, &sql::set_role(&plan.app.name))
+                .await
+                .map_err(err)?;
         }
         exec(tx, &sql::create_extension(ext)).await.map_err(err)?;
         if !admin.superuser {
@@ -702,47 +853,93 @@ async fn ensure_outbox_owner(
     app: &Ident,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    if let Some(owner) = inspect::table_owner(tx, outbox).await.map_err(catalog("outbox table"))? {
-        if owner != app.as_str() {
-            exec(tx, &sql::alter_table_owner(outbox, app)).await.map_err(|source| {
-                ProvisionError::AlterOutboxOwner { table: outbox.clone(), source }
+    if let Some(owner) = inspect::table_owner(tx, outbox)
+        .await
+        .map_err(catalog("outbox table"))?
+        && owner != app.as_str()
+    {
+        exec(tx, &sql::alter_table_owner(outbox, app))
+            .await
+            .map_err(|source| ProvisionError::AlterOutboxOwner {
+                table: outbox.clone(),
+                source,
             })?;
-            report.change(format!("changed the owner of {outbox} from {owner} to {app}"));
-        }
+        report.change(format!(
+            "changed the owner of {outbox} from {owner} to {app}"
+        ));
     }
     Ok(())
 }
 
-async fn ensure_outbox(tx: &Transaction<'_>, outbox: &QualifiedName, report: &mut ProvisionReport) -> Result<()> {
-    let create_err = |source| ProvisionError::CreateOutbox { table: outbox.clone(), source };
-    if !outbox.in_public_schema() && !inspect::schema_exists(tx, &outbox.schema).await.map_err(catalog("schema"))? {
-        exec(tx, &sql::create_schema(&outbox.schema)).await.map_err(|source| {
-            ProvisionError::CreateSchema { schema: outbox.schema.clone(), source }
-        })?;
+async fn ensure_outbox(
+    tx: &Transaction<'_>,
+    outbox: &QualifiedName,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let create_err = |source| ProvisionError::CreateOutbox {
+        table: outbox.clone(),
+        source,
+    };
+    if !outbox.in_public_schema()
+        && !inspect::schema_exists(tx, &outbox.schema)
+            .await
+            .map_err(catalog("schema"))?
+    {
+        exec(tx, &sql::create_schema(&outbox.schema))
+            .await
+            .map_err(|source| ProvisionError::CreateSchema {
+                schema: outbox.schema.clone(),
+                source,
+            })?;
         report.change(format!("created schema {}", outbox.schema));
     }
-    match inspect::table_owner(tx, outbox).await.map_err(catalog("outbox table"))? {
+    match inspect::table_owner(tx, outbox)
+        .await
+        .map_err(catalog("outbox table"))?
+    {
         None => {
-            exec(tx, &sql::create_outbox_table(outbox)).await.map_err(create_err)?;
+            exec(tx, &sql::create_outbox_table(outbox))
+                .await
+                .map_err(create_err)?;
             report.change(format!("created outbox table {outbox}"));
         }
         Some(_) => {
-            let columns = inspect::table_columns(tx, outbox).await.map_err(catalog("outbox columns"))?;
+            let columns = inspect::table_columns(tx, outbox)
+                .await
+                .map_err(catalog("outbox columns"))?;
             for problem in inspect::outbox_column_problems(&columns) {
-                report.warnings.push(format!("outbox table {outbox}: {problem}"));
+                report
+                    .warnings
+                    .push(format!("outbox table {outbox}: {problem}"));
             }
         }
     }
     let index = super::identifiers::outbox_seq_index(outbox);
-    let index_table = QualifiedName { schema: outbox.schema.clone(), name: index.clone() };
-    if inspect::relation_exists(tx, &index_table).await.map_err(catalog("outbox index"))?.is_none() {
-        exec(tx, &sql::create_outbox_seq_index(outbox)).await.map_err(create_err)?;
+    let index_table = QualifiedName {
+        schema: outbox.schema.clone(),
+        name: index.clone(),
+    };
+    if inspect::relation_exists(tx, &index_table)
+        .await
+        .map_err(catalog("outbox index"))?
+        .is_none()
+    {
+        exec(tx, &sql::create_outbox_seq_index(outbox))
+            .await
+            .map_err(create_err)?;
         report.change(format!("created index {index} on {outbox}"));
     }
     let trigger = super::identifiers::outbox_notify_trigger(outbox);
-    if !inspect::trigger_exists(tx, outbox, &trigger).await.map_err(catalog("outbox trigger"))? {
-        exec(tx, &sql::create_outbox_notify_function(outbox)).await.map_err(create_err)?;
-        exec(tx, &sql::create_outbox_notify_trigger(outbox)).await.map_err(create_err)?;
+    if !inspect::trigger_exists(tx, outbox, &trigger)
+        .await
+        .map_err(catalog("outbox trigger"))?
+    {
+        exec(tx, &sql::create_outbox_notify_function(outbox))
+            .await
+            .map_err(create_err)?;
+        exec(tx, &sql::create_outbox_notify_trigger(outbox))
+            .await
+            .map_err(create_err)?;
         report.change(format!("created NOTIFY trigger {trigger} on {outbox}"));
     }
     Ok(())
@@ -757,7 +954,11 @@ async fn ensure_table_privileges(
     desired: &BTreeSet<TablePrivilege>,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    let err = |source| ProvisionError::GrantPrivileges { role: role.clone(), table: table.clone(), source };
+    let err = |source| ProvisionError::GrantPrivileges {
+        role: role.clone(),
+        table: table.clone(),
+        source,
+    };
     let has_usage: bool = tx
         .query_one(
             "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
@@ -767,25 +968,93 @@ async fn ensure_table_privileges(
         .map_err(catalog("schema privileges"))?
         .get(0);
     if !has_usage {
-        exec(tx, &sql::grant_schema_usage(&table.schema, role)).await.map_err(err)?;
-        report.change(format!("granted USAGE on schema {} to {role}", table.schema));
+        exec(tx, &sql::grant_schema_usage(&table.schema, role))
+            .await
+            .map_err(err)?;
+        report.change(format!(
+            "granted USAGE on schema {} to {role}",
+            table.schema
+        ));
     }
-    let current = inspect::table_privileges(tx, table, role).await.map_err(catalog("table privileges"))?;
+    let current = inspect::table_privileges(tx, table, role)
+        .await
+        .map_err(catalog("table privileges"))?;
     let missing: BTreeSet<_> = desired.difference(&current).copied().collect();
     let extra: BTreeSet<_> = current.difference(desired).copied().collect();
     if !missing.is_empty() {
-        exec(tx, &sql::grant_table(&missing, table, role)).await.map_err(err)?;
+        exec(tx, &sql::grant_table(&missing, table, role))
+            .await
+            .map_err(err)?;
         report.change(format!("granted {} on {table} to {role}", names(&missing)));
     }
     if !extra.is_empty() {
-        exec(tx, &sql::revoke_table(&extra, table, role)).await.map_err(err)?;
+        exec(tx, &sql::revoke_table(&extra, table, role))
+            .await
+            .map_err(err)?;
         report.change(format!("revoked {} on {table} from {role}", names(&extra)));
     }
     Ok(())
 }
 
+/// The column whose UPDATE privilege lets the relay take row locks (see
+/// [`DatabasePlan::relay_row_locks`]).
+pub const ROW_LOCK_COLUMN: &str = "created_at";
+
+async fn ensure_row_lock_column(
+    tx: &Transaction<'_>,
+    role: &Ident,
+    table: &QualifiedName,
+    desired: bool,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let err = |source| ProvisionError::GrantPrivileges {
+        role: role.clone(),
+        table: table.clone(),
+        source,
+    };
+    // Column ACLs live in pg_attribute.attacl, not in the table ACL read above.
+    let granted: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace, aclexplode(a.attacl) x \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 \
+             AND x.privilege_type = 'UPDATE' \
+             AND x.grantee = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $4))",
+            &[
+                &table.schema.as_str(),
+                &table.name.as_str(),
+                &ROW_LOCK_COLUMN,
+                &role.as_str(),
+            ],
+        )
+        .await
+        .map_err(catalog("column privileges"))?
+        .get(0);
+    if desired && !granted {
+        exec(tx, &sql::grant_column_update(table, ROW_LOCK_COLUMN, role))
+            .await
+            .map_err(err)?;
+        report.change(format!(
+            "granted UPDATE ({ROW_LOCK_COLUMN}) on {table} to {role}"
+        ));
+    } else if !desired && granted {
+        exec(tx, &sql::revoke_column_update(table, ROW_LOCK_COLUMN, role))
+            .await
+            .map_err(err)?;
+        report.change(format!(
+            "revoked UPDATE ({ROW_LOCK_COLUMN}) on {table} from {role}"
+        ));
+    }
+    Ok(())
+}
+
 fn names(privs: &BTreeSet<TablePrivilege>) -> String {
-    privs.iter().map(|p| p.as_sql()).collect::<Vec<_>>().join(", ")
+    privs
+        .iter()
+        .map(|p| p.as_sql())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn ensure_publication(
@@ -795,10 +1064,18 @@ async fn ensure_publication(
     publish: Publish,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    let err = |source| ProvisionError::Publication { publication: name.clone(), source };
-    match inspect::publication_tables(tx, name).await.map_err(catalog("publication"))? {
+    let err = |source| ProvisionError::Publication {
+        publication: name.clone(),
+        source,
+    };
+    match inspect::publication_tables(tx, name)
+        .await
+        .map_err(catalog("publication"))?
+    {
         None => {
-            exec(tx, &sql::create_publication(name, tables, publish)).await.map_err(err)?;
+            exec(tx, &sql::create_publication(name, tables, publish))
+                .await
+                .map_err(err)?;
             report.change(format!("created publication {name}"));
         }
         Some(current) => {
@@ -806,23 +1083,44 @@ async fn ensure_publication(
             let add: Vec<_> = desired.difference(&current).cloned().collect();
             let remove: Vec<_> = current.difference(&desired).cloned().collect();
             if !add.is_empty() {
-                exec(tx, &sql::alter_publication_tables(name, true, &add)).await.map_err(err)?;
-                report.change(format!("added {} table(s) to publication {name}", add.len()));
+                exec(tx, &sql::alter_publication_tables(name, true, &add))
+                    .await
+                    .map_err(err)?;
+                report.change(format!(
+                    "added {} table(s) to publication {name}",
+                    add.len()
+                ));
             }
             if !remove.is_empty() {
-                exec(tx, &sql::alter_publication_tables(name, false, &remove)).await.map_err(err)?;
-                report.change(format!("removed {} table(s) from publication {name}", remove.len()));
+                exec(tx, &sql::alter_publication_tables(name, false, &remove))
+                    .await
+                    .map_err(err)?;
+                report.change(format!(
+                    "removed {} table(s) from publication {name}",
+                    remove.len()
+                ));
             }
         }
     }
     Ok(())
 }
 
-async fn drop_publication_if_exists(tx: &Transaction<'_>, name: &Ident, report: &mut ProvisionReport) -> Result<()> {
-    if inspect::publication_tables(tx, name).await.map_err(catalog("publication"))?.is_some() {
+async fn drop_publication_if_exists(
+    tx: &Transaction<'_>,
+    name: &Ident,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    if inspect::publication_tables(tx, name)
+        .await
+        .map_err(catalog("publication"))?
+        .is_some()
+    {
         exec(tx, &sql::drop_publication(name))
             .await
-            .map_err(|source| ProvisionError::Publication { publication: name.clone(), source })?;
+            .map_err(|source| ProvisionError::Publication {
+                publication: name.clone(),
+                source,
+            })?;
         report.change(format!("dropped publication {name}"));
     }
     Ok(())
@@ -831,14 +1129,79 @@ async fn drop_publication_if_exists(tx: &Transaction<'_>, name: &Ident, report: 
 /// Sets a new password on an existing role (its credentials Secret was lost). Only the SCRAM
 /// verifier is sent. Note: on Postgres 15 a non-superuser admin may not alter a REPLICATION
 /// role at all.
-pub async fn set_role_password(admin: &ConnectParams, role: &Ident, password: &Password) -> Result<()> {
+pub async fn set_role_password(
+    admin: &ConnectParams,
+    role: &Ident,
+    password: &Password,
+) -> Result<()> {
     let client = connect_to(admin, &admin.dbname).await?;
-    if inspect::role_attributes(&client, role).await.map_err(catalog("role"))?.is_none() {
+    if inspect::role_attributes(&client, role)
+        .await
+        .map_err(catalog("role"))?
+        .is_none()
+    {
         return Err(ProvisionError::RoleMissing { role: role.clone() });
     }
-    exec_secret(&client, &sql::alter_role_password(role, &password.scram_verifier()))
-        .await
-        .map_err(|source| ProvisionError::SetPassword { role: role.clone(), source })?;
+    exec_secret(
+        &client,
+        &sql::alter_role_password(role, &password.scram_verifier()),
+    )
+    .await
+    .map_err(|source| ProvisionError::SetPassword {
+        role: role.clone(),
+        source,
+    })?;
     info!(%role, "set a new password");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> crate::api::ServiceDatabaseSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_spec_with_outbox_and_cdc_gives_three_roles_and_their_objects() {
+        let s = spec(
+            "owner: {service: orders-api}\n\
+             instance: {external: {host: pg, adminSecretRef: {name: a}}}\n\
+             database: {extensions: [pgcrypto]}\n\
+             outbox: {table: events.outbox}\n\
+             cdc: {tables: [public.orders], kafkaConnect: {url: 'http://c:8083'}, topicPrefix: cdc}\n",
+        );
+        let plan = DatabasePlan::for_spec(&s, true).unwrap();
+        assert_eq!(plan.database.as_str(), "orders_api");
+        assert_eq!(plan.app.name.as_str(), "orders_api");
+        let relay = plan.relay.as_ref().unwrap();
+        assert_eq!(
+            (relay.name.as_str(), relay.replication),
+            ("orders_api_relay", true)
+        );
+        assert!(plan.outbox_publication && plan.relay_row_locks);
+        assert_eq!(plan.outbox.as_ref().unwrap().to_string(), "events.outbox");
+        let cdc = plan.cdc.as_ref().unwrap();
+        assert_eq!(
+            (cdc.role.name.as_str(), cdc.role.replication),
+            ("orders_api_cdc", true)
+        );
+        assert_eq!(cdc.tables[0].to_string(), "public.orders");
+        assert_eq!(plan.extensions, vec![Ident::new("pgcrypto").unwrap()]);
+        assert!(plan.roles().all(|(r, _)| r.set_password.is_none()));
+    }
+
+    #[test]
+    fn a_spec_without_outbox_has_no_relay_role() {
+        let s = spec(
+            "owner: {service: billing}\n\
+             instance: {external: {host: pg, adminSecretRef: {name: a}}}\n\
+             database: {name: billing_db}\n\
+             outbox: {enabled: false}\n",
+        );
+        let plan = DatabasePlan::for_spec(&s, false).unwrap();
+        assert_eq!(plan.database.as_str(), "billing_db");
+        assert!(plan.relay.is_none() && plan.outbox.is_none() && plan.cdc.is_none());
+    }
 }

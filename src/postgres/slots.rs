@@ -78,12 +78,18 @@ impl SlotError {
 /// Drops replication slot `slot` if it exists; `Ok(false)` when there was nothing to drop.
 /// `admin` may point at any database: slots are cluster-wide for this purpose.
 pub async fn drop_slot(admin: &ConnectParams, slot: &str) -> Result<bool, SlotError> {
-    let client = connect(admin).await.map_err(SlotError::Connect)?;
+    let client = connect(&admin.for_ddl())
+        .await
+        .map_err(SlotError::Connect)?;
     drop_slot_with(&client, slot, RELEASE_TIMEOUT).await
 }
 
 /// [`drop_slot`] on an open connection.
-pub async fn drop_slot_with(client: &Client, slot: &str, release_timeout: Duration) -> Result<bool, SlotError> {
+pub async fn drop_slot_with(
+    client: &Client,
+    slot: &str,
+    release_timeout: Duration,
+) -> Result<bool, SlotError> {
     let deadline = tokio::time::Instant::now() + release_timeout;
     loop {
         let row = client
@@ -92,19 +98,32 @@ pub async fn drop_slot_with(client: &Client, slot: &str, release_timeout: Durati
                 &[&slot],
             )
             .await
-            .map_err(|e| SlotError::Lookup { slot: slot.to_owned(), source: e.into() })?;
+            .map_err(|e| SlotError::Lookup {
+                slot: slot.to_owned(),
+                source: e.into(),
+            })?;
         let Some(row) = row else {
             debug!(slot, "replication slot already gone");
             return Ok(false);
         };
         if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            info!(slot, pid, "terminating the session using the replication slot");
+            info!(
+                slot,
+                pid, "terminating the session using the replication slot"
+            );
             client
                 .execute("SELECT pg_catalog.pg_terminate_backend($1)", &[&pid])
                 .await
-                .map_err(|e| SlotError::Terminate { slot: slot.to_owned(), pid, source: e.into() })?;
+                .map_err(|e| SlotError::Terminate {
+                    slot: slot.to_owned(),
+                    pid,
+                    source: e.into(),
+                })?;
         }
-        match client.execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot]).await {
+        match client
+            .execute("SELECT pg_catalog.pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
             Ok(_) => {
                 info!(slot, "dropped replication slot");
                 return Ok(true);
@@ -119,9 +138,17 @@ pub async fn drop_slot_with(client: &Client, slot: &str, release_timeout: Durati
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Some("55006") => {
-                        return Err(SlotError::StillActive { slot: slot.to_owned(), after: release_timeout });
+                        return Err(SlotError::StillActive {
+                            slot: slot.to_owned(),
+                            after: release_timeout,
+                        });
                     }
-                    _ => return Err(SlotError::Drop { slot: slot.to_owned(), source: e }),
+                    _ => {
+                        return Err(SlotError::Drop {
+                            slot: slot.to_owned(),
+                            source: e,
+                        });
+                    }
                 }
             }
         }

@@ -32,9 +32,9 @@ pub struct RoleAttributes {
 }
 
 impl RoleAttributes {
-    /// What every service role gets: it can log in and nothing else. NOINHERIT because these
-    /// roles are never meant to be members of other roles; should someone grant one, its
-    /// privileges are still not picked up silently.
+    /// The relay and CDC roles: they can log in and nothing else. NOINHERIT because they are
+    /// never meant to be members of other roles; should someone grant one, its privileges are
+    /// still not picked up silently.
     pub fn service_role(replication: bool) -> Self {
         RoleAttributes {
             login: true,
@@ -44,6 +44,16 @@ impl RoleAttributes {
             inherit: false,
             replication,
             bypassrls: false,
+        }
+    }
+
+    /// The app role: like [`Self::service_role`] without REPLICATION, but INHERIT. On Postgres
+    /// 15+ schema `public` belongs to `pg_database_owner`, whose privileges the database owner
+    /// gets only through inheritance: a NOINHERIT owner could not create tables in `public`.
+    pub fn app_role() -> Self {
+        RoleAttributes {
+            inherit: true,
+            ..Self::service_role(false)
         }
     }
 
@@ -75,7 +85,11 @@ pub fn attribute_changes(current: &RoleAttributes, desired: &RoleAttributes) -> 
 
 /// `CREATE ROLE` with every attribute spelled out. `CREATE` checks attribute values, not their
 /// mention, so a non-superuser admin may say NOSUPERUSER/NOREPLICATION here (unlike `ALTER`).
-pub fn create_role(role: &Ident, attrs: &RoleAttributes, verifier: Option<&ScramVerifier>) -> String {
+pub fn create_role(
+    role: &Ident,
+    attrs: &RoleAttributes,
+    verifier: Option<&ScramVerifier>,
+) -> String {
     let mut sql = format!("CREATE ROLE {} WITH", role.quoted());
     for (yes, no, on) in attrs.options() {
         sql.push(' ');
@@ -95,7 +109,11 @@ pub fn alter_role(role: &Ident, options: &[&str]) -> String {
 
 /// `ALTER ROLE ... PASSWORD '<verifier>'`: only the verifier reaches the server.
 pub fn alter_role_password(role: &Ident, verifier: &ScramVerifier) -> String {
-    format!("ALTER ROLE {} PASSWORD {}", role.quoted(), Literal::from_verifier(verifier).as_sql())
+    format!(
+        "ALTER ROLE {} PASSWORD {}",
+        role.quoted(),
+        Literal::from_verifier(verifier).as_sql()
+    )
 }
 
 /// Makes the (non-superuser) admin a member of `role`, so it can own objects on its behalf
@@ -105,7 +123,10 @@ pub fn alter_role_password(role: &Ident, verifier: &ScramVerifier) -> String {
 pub fn grant_role_to_admin(role: &Ident, admin: &str, server_version_num: i32) -> String {
     let admin = super::identifiers::quote_ident(admin);
     if server_version_num >= 160_000 {
-        format!("GRANT {} TO {admin} WITH SET TRUE, INHERIT TRUE", role.quoted())
+        format!(
+            "GRANT {} TO {admin} WITH SET TRUE, INHERIT TRUE",
+            role.quoted()
+        )
     } else {
         format!("GRANT {} TO {admin}", role.quoted())
     }
@@ -123,12 +144,19 @@ pub fn alter_database_owner(db: &Ident, owner: &Ident) -> String {
 
 /// Nobody but the roles we grant may connect or create temporary tables.
 pub fn revoke_database_from_public(db: &Ident) -> String {
-    format!("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC", db.quoted())
+    format!(
+        "REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC",
+        db.quoted()
+    )
 }
 
 /// `GRANT CONNECT ON DATABASE`.
 pub fn grant_connect(db: &Ident, role: &Ident) -> String {
-    format!("GRANT CONNECT ON DATABASE {} TO {}", db.quoted(), role.quoted())
+    format!(
+        "GRANT CONNECT ON DATABASE {} TO {}",
+        db.quoted(),
+        role.quoted()
+    )
 }
 
 /// `CREATE EXTENSION IF NOT EXISTS ... CASCADE` (CASCADE installs what it depends on).
@@ -143,7 +171,11 @@ pub fn revoke_create_on_public_schema() -> String {
 
 /// `ALTER SCHEMA ... OWNER TO ...`.
 pub fn alter_schema_owner(schema: &Ident, owner: &Ident) -> String {
-    format!("ALTER SCHEMA {} OWNER TO {}", schema.quoted(), owner.quoted())
+    format!(
+        "ALTER SCHEMA {} OWNER TO {}",
+        schema.quoted(),
+        owner.quoted()
+    )
 }
 
 /// `CREATE SCHEMA` (run as the app role, which therefore owns it).
@@ -213,7 +245,11 @@ pub fn alter_table_owner(table: &QualifiedName, owner: &Ident) -> String {
 
 /// `GRANT USAGE ON SCHEMA`.
 pub fn grant_schema_usage(schema: &Ident, role: &Ident) -> String {
-    format!("GRANT USAGE ON SCHEMA {} TO {}", schema.quoted(), role.quoted())
+    format!(
+        "GRANT USAGE ON SCHEMA {} TO {}",
+        schema.quoted(),
+        role.quoted()
+    )
 }
 
 /// Table privileges as `aclexplode` names them.
@@ -269,17 +305,59 @@ impl TablePrivilege {
 }
 
 fn privilege_list(privs: &BTreeSet<TablePrivilege>) -> String {
-    privs.iter().map(|p| p.as_sql()).collect::<Vec<_>>().join(", ")
+    privs
+        .iter()
+        .map(|p| p.as_sql())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `GRANT <privs> ON TABLE`.
-pub fn grant_table(privs: &BTreeSet<TablePrivilege>, table: &QualifiedName, role: &Ident) -> String {
-    format!("GRANT {} ON TABLE {} TO {}", privilege_list(privs), table.quoted(), role.quoted())
+pub fn grant_table(
+    privs: &BTreeSet<TablePrivilege>,
+    table: &QualifiedName,
+    role: &Ident,
+) -> String {
+    format!(
+        "GRANT {} ON TABLE {} TO {}",
+        privilege_list(privs),
+        table.quoted(),
+        role.quoted()
+    )
 }
 
 /// `REVOKE <privs> ON TABLE`.
-pub fn revoke_table(privs: &BTreeSet<TablePrivilege>, table: &QualifiedName, role: &Ident) -> String {
-    format!("REVOKE {} ON TABLE {} FROM {}", privilege_list(privs), table.quoted(), role.quoted())
+pub fn revoke_table(
+    privs: &BTreeSet<TablePrivilege>,
+    table: &QualifiedName,
+    role: &Ident,
+) -> String {
+    format!(
+        "REVOKE {} ON TABLE {} FROM {}",
+        privilege_list(privs),
+        table.quoted(),
+        role.quoted()
+    )
+}
+
+/// `GRANT UPDATE (<column>)`; `column` is one of our own constants, quoted all the same.
+pub fn grant_column_update(table: &QualifiedName, column: &str, role: &Ident) -> String {
+    format!(
+        "GRANT UPDATE ({}) ON TABLE {} TO {}",
+        super::identifiers::quote_ident(column),
+        table.quoted(),
+        role.quoted()
+    )
+}
+
+/// `REVOKE UPDATE (<column>)`.
+pub fn revoke_column_update(table: &QualifiedName, column: &str, role: &Ident) -> String {
+    format!(
+        "REVOKE UPDATE ({}) ON TABLE {} FROM {}",
+        super::identifiers::quote_ident(column),
+        table.quoted(),
+        role.quoted()
+    )
 }
 
 /// What a publication sends.
@@ -298,7 +376,13 @@ pub fn create_publication(name: &Ident, tables: &[QualifiedName], publish: Publi
     let mut sql = format!("CREATE PUBLICATION {}", name.quoted());
     if !tables.is_empty() {
         sql.push_str(" FOR TABLE ");
-        sql.push_str(&tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", "));
+        sql.push_str(
+            &tables
+                .iter()
+                .map(QualifiedName::quoted)
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
     }
     if publish == Publish::InsertsOnly {
         sql.push_str(" WITH (publish = 'insert')");
@@ -312,7 +396,11 @@ pub fn alter_publication_tables(name: &Ident, add: bool, tables: &[QualifiedName
         "ALTER PUBLICATION {} {} TABLE {}",
         name.quoted(),
         if add { "ADD" } else { "DROP" },
-        tables.iter().map(QualifiedName::quoted).collect::<Vec<_>>().join(", ")
+        tables
+            .iter()
+            .map(QualifiedName::quoted)
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -349,17 +437,34 @@ mod tests {
     fn only_differing_role_attributes_are_altered() {
         let desired = RoleAttributes::service_role(false);
         assert!(attribute_changes(&desired, &desired).is_empty());
-        let current = RoleAttributes { replication: true, inherit: true, ..desired };
-        assert_eq!(attribute_changes(&current, &desired), vec!["NOINHERIT", "NOREPLICATION"]);
-        let current = RoleAttributes { login: false, ..RoleAttributes::service_role(true) };
-        assert_eq!(attribute_changes(&current, &desired), vec!["LOGIN", "NOREPLICATION"]);
+        let current = RoleAttributes {
+            replication: true,
+            inherit: true,
+            ..desired
+        };
+        assert_eq!(
+            attribute_changes(&current, &desired),
+            vec!["NOINHERIT", "NOREPLICATION"]
+        );
+        let current = RoleAttributes {
+            login: false,
+            ..RoleAttributes::service_role(true)
+        };
+        assert_eq!(
+            attribute_changes(&current, &desired),
+            vec!["LOGIN", "NOREPLICATION"]
+        );
     }
 
     #[test]
     fn role_statements_carry_the_verifier_never_the_password() {
         let pw = Password::from_plaintext("plaintextpassword42");
         let v = pw.scram_verifier();
-        let create = create_role(&ident("orders"), &RoleAttributes::service_role(false), Some(&v));
+        let create = create_role(
+            &ident("orders"),
+            &RoleAttributes::service_role(false),
+            Some(&v),
+        );
         assert!(create.starts_with(
             "CREATE ROLE \"orders\" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS PASSWORD 'SCRAM-SHA-256$4096:"
         ), "{create}");
@@ -425,7 +530,10 @@ mod tests {
             create_publication(&ident("p"), &[a], Publish::InsertsOnly),
             "CREATE PUBLICATION \"p\" FOR TABLE \"public\".\"a\" WITH (publish = 'insert')"
         );
-        assert_eq!(create_publication(&ident("p"), &[], Publish::Everything), "CREATE PUBLICATION \"p\"");
+        assert_eq!(
+            create_publication(&ident("p"), &[], Publish::Everything),
+            "CREATE PUBLICATION \"p\""
+        );
         assert_eq!(
             alter_publication_tables(&ident("p"), false, &[b]),
             "ALTER PUBLICATION \"p\" DROP TABLE \"s\".\"b\""
