@@ -31,6 +31,9 @@ enum Command {
         /// Namespace the operator runs in; instance NetworkPolicies admit its pods.
         #[arg(long, env = "POD_NAMESPACE")]
         namespace: Option<String>,
+        /// Watch only this namespace instead of all namespaces.
+        #[arg(long, env = "SERVICEDB_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
         /// Maximum reconciles running at once, per kind.
         #[arg(long, env = "SERVICEDB_CONCURRENCY", default_value_t = 8)]
         concurrency: u16,
@@ -54,13 +57,14 @@ fn main() -> anyhow::Result<()> {
             let yaml = servicedb::api::crds_yaml().context("rendering the CRDs")?;
             std::io::stdout().write_all(yaml.as_bytes())?;
         }
-        Command::Operator { listen, relay_image, namespace, concurrency, resync_seconds } => {
+        Command::Operator { listen, relay_image, namespace, watch_namespace, concurrency, resync_seconds } => {
             servicedb::telemetry::init();
             let settings = servicedb::operator::Settings {
                 operator_namespace: namespace,
                 relay_image,
                 concurrency,
                 resync: std::time::Duration::from_secs(resync_seconds),
+                watch_namespace,
                 ..servicedb::operator::Settings::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -35,6 +36,8 @@ pub struct Settings {
     pub resync: Duration,
     /// Bound on opening a database connection.
     pub connect_timeout: Duration,
+    /// Watch only this namespace (a namespace-scoped install); all namespaces when `None`.
+    pub watch_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -45,6 +48,7 @@ impl Default for Settings {
             concurrency: 8,
             resync: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
+            watch_namespace: None,
         }
     }
 }
@@ -149,6 +153,23 @@ pub async fn check_crds(client: &Client) -> Result<(), StartError> {
     Ok(())
 }
 
+/// An Api over every namespace, or only the watched one.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The watch of one kind of child: metadata only (`Api<PartialObjectMeta<_>>`), limited to
+/// objects this operator labelled. The controllers need only owner references from children.
+fn children() -> watcher::Config {
+    watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", crate::specs::labels::MANAGER))
+}
+
 /// Run both controllers until `shutdown` resolves.
 pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
     let reporter = Reporter { controller: crate::specs::labels::MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
@@ -168,15 +189,16 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
     };
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
 
-    let sdb_api: Api<ServiceDatabase> = Api::all(client.clone());
-    let relays_for_sdb: Api<OutboxRelay> = Api::all(client.clone());
+    let ns = ctx.settings.watch_namespace.as_deref();
+    let sdb_api: Api<ServiceDatabase> = scoped(&client, ns);
+    let relays_for_sdb: Api<OutboxRelay> = scoped(&client, ns);
     let sdb_controller = Controller::new(sdb_api, watcher::Config::default().any_semantic())
         .with_config(config.clone())
-        .owns(Api::<Secret>::all(client.clone()), watcher::Config::default().labels("app.kubernetes.io/managed-by=servicedb-operator"))
-        .owns(Api::<StatefulSet>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<NetworkPolicy>::all(client.clone()), watcher::Config::default())
+        .owns(scoped::<PartialObjectMeta<Secret>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<StatefulSet>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<Service>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<ConfigMap>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<NetworkPolicy>>(&client, ns), children())
         // A Logical relay needs REPLICATION and a publication: re-reconcile its database.
         .watches(relays_for_sdb, watcher::Config::default(), |relay: OutboxRelay| {
             relay
@@ -194,17 +216,17 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
     // A second watch on OutboxRelays feeds a store that maps a changed ServiceDatabase to the
     // relays that reference it (a ServiceDatabase has no ownerReference to its relays).
     let (relay_reader, relay_writer) = reflector::store::<OutboxRelay>();
-    let relay_index = reflector::reflector(relay_writer, watcher(Api::<OutboxRelay>::all(client.clone()), watcher::Config::default()))
+    let relay_index = reflector::reflector(relay_writer, watcher(scoped::<OutboxRelay>(&client, ns), watcher::Config::default()))
         .default_backoff()
         .for_each(|_| futures::future::ready(()));
 
-    let relay_api: Api<OutboxRelay> = Api::all(client.clone());
-    let sdb_for_relays: Api<ServiceDatabase> = Api::all(client.clone());
+    let relay_api: Api<OutboxRelay> = scoped(&client, ns);
+    let sdb_for_relays: Api<ServiceDatabase> = scoped(&client, ns);
     let relay_controller = Controller::new(relay_api, watcher::Config::default().any_semantic())
         .with_config(config)
-        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<ServiceAccount>::all(client.clone()), watcher::Config::default())
+        .owns(scoped::<PartialObjectMeta<Deployment>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<ConfigMap>>(&client, ns), children())
+        .owns(scoped::<PartialObjectMeta<ServiceAccount>>(&client, ns), children())
         .watches(sdb_for_relays, watcher::Config::default(), move |sdb: ServiceDatabase| {
             outbox_relay::relays_of_database(&relay_reader.state(), &sdb)
         })

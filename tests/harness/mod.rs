@@ -1,0 +1,146 @@
+//! Operator test harness: CRDs installed once, a namespace-scoped operator process per test, and
+//! waits on conditions (Kubernetes and process I/O). Builds on `tests/support`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+
+use crate::support;
+
+/// Install both CRDs (server-side apply) and wait until the apiserver serves them. Once per test
+/// binary; idempotent across binaries.
+pub async fn install_crds() -> Result<()> {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    DONE.get_or_try_init(|| async {
+        let client = support::kube_client().await?;
+        let api: Api<CustomResourceDefinition> = Api::all(client);
+        for crd in servicedb::api::crds() {
+            let name = crd.name_any();
+            api.patch(&name, &PatchParams::apply("servicedb-tests").force(), &Patch::Apply(&crd)).await?;
+            support::wait_until(&format!("CRD {name} established"), support::TIMEOUT, || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.ok()?;
+                    let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                    established.then_some(())
+                }
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// A `servicedb operator` process watching one namespace; killed on drop.
+pub struct Operator {
+    child: tokio::process::Child,
+    pub log: PathBuf,
+    namespace: String,
+}
+
+impl Operator {
+    /// Start the operator binary against the test environment, scoped to `namespace`.
+    pub async fn start(namespace: &str) -> Result<Self> {
+        install_crds().await?;
+        let env = support::env();
+        let log = env.dir.join("logs").join(format!("operator-{namespace}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"))
+            .args(["operator", "--listen", "127.0.0.1:0", "--watch-namespace", namespace, "--resync-seconds", "20"])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .env("SERVICEDB_RELAY_IMAGE", "ghcr.io/servicedb/servicedb-operator:test")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning servicedb operator")?;
+        Ok(Operator { child, log, namespace: namespace.to_owned() })
+    }
+
+    /// Kill the process (SIGKILL) and wait for it: a crash, as far as the cluster can tell.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// The operator's log so far, for assertion messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Wait until `name`'s condition `type_` has status `status`; returns the object.
+pub async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str, timeout: Duration) -> Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    support::wait_until(&format!("{name} {type_}={status}"), timeout, || {
+        let api = api.clone();
+        async move {
+            let obj = api.get(name).await.ok()?;
+            let value = serde_json::to_value(&obj).ok()?;
+            let conds = value.pointer("/status/conditions")?.as_array()?.clone();
+            conds
+                .iter()
+                .any(|c| c["type"] == type_ && c["status"] == status)
+                .then_some(obj)
+        }
+    })
+    .await
+}
+
+/// The string value of a Secret's key.
+pub fn secret_string(secret: &Secret, key: &str) -> Result<String> {
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| anyhow!("Secret has no key {key}"))?;
+    Ok(String::from_utf8(bytes.0.clone())?)
+}
+
+/// Create the `pg-admin` Secret pointing at the test Postgres superuser.
+pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Result<()> {
+    let env = support::env();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "stringData": {"username": env.pg_user, "password": env.pg_password}
+    }))?;
+    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    Ok(())
+}
+
+/// An external ServiceDatabase on the test Postgres, as JSON, for `service` (role names derive
+/// from it, and roles are server-wide, so tests use unique services).
+pub fn external_sdb(name: &str, service: &str, policy: &str) -> serde_json::Value {
+    let env = support::env();
+    serde_json::json!({
+        "apiVersion": "servicedb.io/v1alpha1",
+        "kind": "ServiceDatabase",
+        "metadata": {"name": name},
+        "spec": {
+            "owner": {"service": service},
+            "instance": {"external": {"host": env.pg_host, "port": env.pg_port, "adminSecretRef": {"name": "pg-admin"}, "sslMode": "disable"}},
+            "outbox": {"table": "outbox"},
+            "deletionPolicy": policy,
+        }
+    })
+}
+
+/// Connect with a Secret's `uri` (what an application does).
+pub async fn connect_uri(uri: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
