@@ -52,6 +52,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Two rustls crypto providers end up in the dependency tree; pick one for the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Crd => {
             let yaml = servicedb::api::crds_yaml().context("rendering the CRDs")?;

@@ -144,3 +144,59 @@ pub async fn connect_uri(uri: &str) -> Result<tokio_postgres::Client, tokio_post
     });
     Ok(client)
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, that a test can stop and start again: a
+/// database server "going away" and "coming back" without touching the shared Postgres.
+pub struct Proxy {
+    pub port: u16,
+    target: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listen on a free port and forward to `target`.
+    pub async fn start(target: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let mut proxy = Proxy { port, target: target.to_owned(), task: None };
+        proxy.task = Some(Self::serve(listener, proxy.target.clone()));
+        Ok(proxy)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, target: String) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        })
+    }
+
+    /// Stop listening and cut every open connection.
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listen again on the same port.
+    pub async fn resume(&mut self) -> Result<()> {
+        let listener = support::wait_until("the proxy port to be free again", support::TIMEOUT, || async {
+            tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.ok()
+        })
+        .await?;
+        self.task = Some(Self::serve(listener, self.target.clone()));
+        Ok(())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
