@@ -200,3 +200,37 @@ impl Drop for Proxy {
         self.stop();
     }
 }
+
+/// `servicedb-dev run-relays` for one namespace: relay pods become local `servicedb relay`
+/// processes with exactly the pods' args, env and mounted config. Killed on drop.
+pub struct RelayRunner {
+    child: tokio::process::Child,
+}
+
+impl RelayRunner {
+    /// Start the runner for `namespace`.
+    pub async fn start(namespace: &str) -> Result<Self> {
+        let env = support::env();
+        let work = env.dir.join("dev-relays").join(namespace);
+        std::fs::create_dir_all(&work)?;
+        let log = std::fs::File::create(env.dir.join("logs").join(format!("relays-{namespace}.log")))?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb-dev"))
+            .args(["run-relays", "--namespace", namespace, "--program", env!("CARGO_BIN_EXE_servicedb")])
+            .arg("--work-dir")
+            .arg(&work)
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning servicedb-dev run-relays")?;
+        Ok(RelayRunner { child })
+    }
+
+    /// Stop the runner and every relay it started.
+    pub async fn stop(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
