@@ -29,7 +29,7 @@ alive() { local p; p="$(pid_of "$1")" && [[ -n "$p" ]] && kill -0 "$p" 2>/dev/nu
 # group), output to logs/NAME.log, PID to pids/NAME.pid.
 start() {
   local name="$1"; shift
-  setsid "$@" >"${LOGS}/${name}.log" 2>&1 < /dev/null &
+  setsid "$@" >"${LOGS}/${name}.log" 2>&1 </dev/null 9>&- &
   echo $! > "${PIDS}/${name}.pid"
   log "${name}: started pid $! (log: ${LOGS}/${name}.log)"
 }
@@ -178,6 +178,14 @@ start_postgres() {
 }
 as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups --reset-env "$@"; }
 
+# A KRaft cluster id (base64url of 16 random bytes); like Kafka's own, never starting with '-'.
+kafka_cluster_id() {
+  python3 -c 'import uuid,base64
+while True:
+    s = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not s.startswith("-"): print(s); break'
+}
+
 start_kafka() {
   local dir="${RUN_DIR}/kafka"
   mkdir -p "$dir/data"
@@ -205,7 +213,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 EOF
   java -Xmx256m -cp "$(kafka_lib)/*" -Dlog4j2.configurationFile="${RUN_DIR}/log4j2-tools.properties" \
-    kafka.tools.StorageTool format -t "$(python3 -c 'import uuid,base64;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
+    kafka.tools.StorageTool format --cluster-id="$(kafka_cluster_id)" \
     -c "${dir}/server.properties" > "${LOGS}/kafka-format.log" 2>&1 || fail_with_log kafka-format
   start kafka java "${JAVA_OPTS_COMMON[@]}" -cp "$(kafka_lib)/*" \
     -Dlog4j2.configurationFile="${RUN_DIR}/log4j2.properties" -Dkafka.logs.dir="${LOGS}" \

@@ -248,6 +248,9 @@ async fn jetstream_acks_and_deduplicates() -> Result<()> {
             js.publish_with_headers(subject, headers, body.into()).await?.await
         }
     };
+    // Core NATS as well: a plain subscription sees JetStream-published messages on its subject.
+    let mut sub = client.subscribe(format!("{subject}.>")).await?;
+    client.flush().await?;
     let first = publish("event-1", "one").await?;
     assert!(!first.duplicate);
     assert_eq!(first.stream, name);
@@ -255,6 +258,8 @@ async fn jetstream_acks_and_deduplicates() -> Result<()> {
     assert!(again.duplicate, "a repeated Nats-Msg-Id must be deduplicated");
     let second = publish("event-2", "two").await?;
     assert!(!second.duplicate);
+    let seen = support::nats_collect(&mut sub, 3, TIMEOUT).await?;
+    assert_eq!(seen.len(), 3, "core subscribers see every publish, deduplicated or not");
     let msgs = support::jetstream_read(&client, &name, 2, TIMEOUT).await?;
     assert_eq!(msgs.iter().map(|m| m.payload.to_vec()).collect::<Vec<_>>(), vec![b"one".to_vec(), b"two".to_vec()]);
     let mut stream = js.get_stream(&name).await?;

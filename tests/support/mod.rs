@@ -11,7 +11,8 @@
 //! - [`fresh_database`] creates a fresh Postgres database.
 //! - [`kube_client`] / [`impersonating_client`] build `kube::Client`s from the env's admin kubeconfig.
 //! - [`mark_pod_ready`] / [`mark_pods_ready`] set pod status through `pods/status` (there is no kubelet).
-//! - [`kafka_create_topic`], [`kafka_consume`] and [`jetstream_read`] read what a test produced.
+//! - [`kafka_create_topic`], [`kafka_consume`], [`nats_collect`] and [`jetstream_read`] read what a
+//!   test produced; [`http_request`] talks to Kafka Connect's REST API.
 //! - [`wait_until`] polls with a timeout. Every wait in here has a timeout: tests never hang forever.
 #![allow(dead_code)]
 
@@ -422,6 +423,28 @@ pub async fn nats_client() -> Result<async_nats::Client> {
         .await
         .context("timed out connecting to NATS")??;
     Ok(c)
+}
+
+/// Collects `n` messages from a core NATS subscription (`client.subscribe(subject)`; subscribe
+/// before the publisher starts), or fails after `timeout`.
+pub async fn nats_collect(
+    sub: &mut async_nats::Subscriber,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<async_nats::Message>> {
+    let mut out = Vec::with_capacity(n);
+    tokio::time::timeout(timeout, async {
+        while out.len() < n {
+            match sub.next().await {
+                Some(m) => out.push(m),
+                None => bail!("subscription closed"),
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow!("timed out after {timeout:?}: got {} of {n} messages", out.len()))??;
+    Ok(out)
 }
 
 /// Reads the first `n` messages of JetStream stream `stream` (an ordered, ephemeral consumer from
