@@ -620,15 +620,38 @@ impl Kafka {
     }
 }
 
-/// Kafka for the tests that do not stop it: `RELAY_TEST_KAFKA` if set, else a private one.
+/// The shared test environment's Kafka (`target/testenv/env`), if that file exists.
+fn testenv_kafka() -> Option<String> {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/testenv/env");
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("export KAFKA_BOOTSTRAP_SERVERS="))
+        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
+        .next()
+}
+
+/// Kafka for the tests that do not stop it: `RELAY_TEST_KAFKA` if set, else the shared test
+/// environment's (when its env file exists and the broker answers), else a private one.
 pub fn kafka_bootstrap() -> String {
     static K: OnceLock<String> = OnceLock::new();
-    K.get_or_init(|| match std::env::var("RELAY_TEST_KAFKA") {
-        Ok(b) if !b.is_empty() => b,
-        _ => {
-            static OWN: OnceLock<Kafka> = OnceLock::new();
-            OWN.get_or_init(|| Kafka::start().expect("start kafka"))
-                .bootstrap()
+    K.get_or_init(|| {
+        match std::env::var("RELAY_TEST_KAFKA")
+            .ok()
+            .or_else(testenv_kafka)
+        {
+            Some(b)
+                if b.rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .is_some_and(port_open) =>
+            {
+                b
+            }
+            _ => {
+                static OWN: OnceLock<Kafka> = OnceLock::new();
+                OWN.get_or_init(|| Kafka::start().expect("start kafka"))
+                    .bootstrap()
+            }
         }
     })
     .clone()
@@ -798,6 +821,51 @@ pub fn check_delivery(delivered: &[Delivered], expected: usize) -> Result<Check>
 
 // ---- the relay process ----------------------------------------------------------------------
 
+fn supports_relay(bin: &Path) -> bool {
+    Command::new(bin)
+        .args(["relay", "--help"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The `servicedb` binary to test: `RELAY_BIN`, else cargo's. The target directory may be shared
+/// by several work trees, so the uplifted binary can be another branch's build; then fall back to
+/// the newest hashed build in `deps/` that has the `relay` subcommand.
+pub fn relay_binary() -> PathBuf {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        if let Some(b) = std::env::var_os("RELAY_BIN") {
+            return PathBuf::from(b);
+        }
+        let cargo = PathBuf::from(env!("CARGO_BIN_EXE_servicedb"));
+        if supports_relay(&cargo) {
+            return cargo;
+        }
+        let deps = cargo.parent().map(|p| p.join("deps")).unwrap_or_default();
+        let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("servicedb-") && !n.contains('.'))
+            })
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        candidates.sort();
+        candidates
+            .into_iter()
+            .rev()
+            .map(|(_, p)| p)
+            .find(|p| supports_relay(p))
+            .unwrap_or(cargo)
+    })
+    .clone()
+}
+
 pub struct Relay {
     pub child: Option<Child>,
     pub metrics_port: u16,
@@ -813,7 +881,8 @@ impl Relay {
         let mut f = std::fs::File::create(&cfg)?;
         f.write_all(format!("{config_yaml}\nlisten: \"127.0.0.1:{port}\"\n").as_bytes())?;
         let log = dir.join("relay.log");
-        let bin = env!("CARGO_BIN_EXE_servicedb");
+        let bin = relay_binary();
+        let bin = bin.to_str().unwrap_or_default();
         let pgport = pg.port.to_string();
         let child = spawn_bound(
             &[bin, "relay", "--config", cfg.to_str().unwrap_or_default()],
