@@ -353,16 +353,19 @@ async fn standby_takes_over(mode: Mode) -> anyhow::Result<()> {
         "the standby published nothing"
     );
     assert_eq!(b.metric("servicedb_relay_active").await, Some(0.0));
-    assert_eq!(
-        b.http_get("/readyz").await?.0,
-        200,
-        "a healthy standby is ready"
-    );
+    wait_until(
+        "a healthy standby to be ready",
+        Duration::from_secs(30),
+        || async { b.http_get("/readyz").await.map(|r| r.0).ok() == Some(200) },
+    )
+    .await?;
     a.kill9();
     wait_active(&b).await?;
     let producer = {
         let db = db.clone();
-        tokio::spawn(async move { produce(postgres(), &db, n, 100, 50, "order").await })
+        tokio::spawn(
+            async move { produce_range(postgres(), &db, n / 2, n, 100, 50, "order").await },
+        )
     };
     producer.await??;
     let all = broker.read(n, LONG).await?;

@@ -349,8 +349,21 @@ pub async fn produce(
     per_tx: usize,
     aggtype: &str,
 ) -> Result<()> {
+    produce_range(pg, db, 0, n, aggregates, per_tx, aggtype).await
+}
+
+/// [`produce`] for events `from..n`.
+pub async fn produce_range(
+    pg: &Postgres,
+    db: &str,
+    from: usize,
+    n: usize,
+    aggregates: usize,
+    per_tx: usize,
+    aggtype: &str,
+) -> Result<()> {
     let mut c = pg.connect(db).await?;
-    let mut i = 0usize;
+    let mut i = from;
     while i < n {
         let end = (i + per_tx).min(n);
         let sql = format!(
