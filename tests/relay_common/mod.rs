@@ -710,6 +710,7 @@ pub async fn kafka_read(
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
         .create()?;
     consumer.subscribe(&[topic])?;
     let deadline = Instant::now() + timeout;
@@ -759,6 +760,10 @@ pub async fn kafka_read(
 pub struct Delivered {
     pub agg: String,
     pub n: i64,
+    /// Payload `ts` (µs since the Unix epoch, set by the benchmark's writers), if any.
+    pub ts_us: Option<i64>,
+    /// When this process received the message (µs since the Unix epoch).
+    pub received_us: i64,
     pub id: String,
     pub headers: BTreeMap<String, String>,
     pub destination: String,
@@ -777,12 +782,21 @@ impl Delivered {
         Self {
             agg: v["agg"].as_str().unwrap_or_default().to_owned(),
             n: v["n"].as_i64().unwrap_or(-1),
+            ts_us: v["ts"].as_i64(),
+            received_us: now_us(),
             id,
             headers,
             destination,
             key,
         }
     }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// Result of checking a delivery against `0..expected` produced by [`produce`].
@@ -894,6 +908,8 @@ impl Relay {
         let mut f = std::fs::File::create(&cfg)?;
         f.write_all(format!("{config_yaml}\nlisten: \"127.0.0.1:{port}\"\n").as_bytes())?;
         let log = dir.join("relay.log");
+        let log_filter =
+            std::env::var("RELAY_TEST_RUST_LOG").unwrap_or_else(|_| "info,servicedb=debug".into());
         let bin = relay_binary();
         let bin = bin.to_str().unwrap_or_default();
         let pgport = pg.port.to_string();
@@ -906,7 +922,7 @@ impl Relay {
                 ("PGDATABASE", db),
                 ("PGUSER", "relay"),
                 ("PGSSLMODE", "disable"),
-                ("RUST_LOG", "info,servicedb=debug"),
+                ("RUST_LOG", &log_filter),
             ],
         )
         .context("spawning the relay")?;
