@@ -6,4 +6,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --bin servicedb
-exec cargo bench --bench relay
+# Pin the binary just built: a target directory shared by several work trees may be rewritten.
+target="${CARGO_TARGET_DIR:-target}"
+bin_dir="$(mktemp -d)"
+cp "${target}/release/servicedb" "${bin_dir}/servicedb"
+trap 'rm -rf "${bin_dir}"' EXIT
+RELAY_BIN="${bin_dir}/servicedb" cargo bench --bench relay
