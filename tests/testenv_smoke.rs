@@ -11,7 +11,9 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+};
 use support::{TIMEOUT, TestNamespace, wait_until};
 
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -44,12 +46,19 @@ async fn crd_and_custom_resource_round_trip() -> Result<()> {
         let (crds, crd_name) = (crds.clone(), crd_name.clone());
         async move {
             let c = crds.get(&crd_name).await.ok()?;
-            c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+            c.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
         }
     })
     .await?;
 
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(&group, "v1", "Widget"), "widgets");
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(&group, "v1", "Widget"),
+        "widgets",
+    );
     let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &ar);
     let w: DynamicObject = from_json(serde_json::json!({
         "apiVersion": format!("{group}/v1"), "kind": "Widget",
@@ -65,7 +74,10 @@ async fn crd_and_custom_resource_round_trip() -> Result<()> {
         async move { widgets.create(&PostParams::default(), &w).await.ok() }
     })
     .await?;
-    assert!(widgets.create(&PostParams::default(), &bad).await.is_err(), "schema validation must reject size 0");
+    assert!(
+        widgets.create(&PostParams::default(), &bad).await.is_err(),
+        "schema validation must reject size 0"
+    );
     let back = widgets.get("w1").await?;
     assert_eq!(back.data["spec"]["size"], 3);
     crds.delete(&crd_name, &DeleteParams::default()).await?;
@@ -77,14 +89,19 @@ async fn owner_reference_garbage_collection() -> Result<()> {
     let ns = TestNamespace::new("smoke-gc").await?;
     let cms: Api<ConfigMap> = ns.api();
     let owner = cms
-        .create(&PostParams::default(), &from_json(serde_json::json!({"metadata": {"name": "owner"}})))
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({"metadata": {"name": "owner"}})),
+        )
         .await?;
     let uid = owner.metadata.uid.clone().unwrap();
     cms.create(
         &PostParams::default(),
-        &from_json(serde_json::json!({"metadata": {"name": "child", "ownerReferences": [{
-            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid
-        }]}})),
+        &from_json(
+            serde_json::json!({"metadata": {"name": "child", "ownerReferences": [{
+                "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid
+            }]}}),
+        ),
     )
     .await?;
     cms.delete("owner", &DeleteParams::background()).await?;
@@ -120,10 +137,19 @@ async fn deployment_creates_replicaset_and_pods() -> Result<()> {
     wait_until("a ReplicaSet owned by the Deployment", TIMEOUT, || {
         let rss = rss.clone();
         async move {
-            let list = rss.list(&ListParams::default().labels("app=web")).await.ok()?;
+            let list = rss
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .ok()?;
             list.items
                 .iter()
-                .any(|rs| rs.metadata.owner_references.iter().flatten().any(|o| o.kind == "Deployment" && o.name == "web"))
+                .any(|rs| {
+                    rs.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .any(|o| o.kind == "Deployment" && o.name == "web")
+                })
                 .then_some(())
         }
     })
@@ -149,7 +175,12 @@ async fn deployment_creates_replicaset_and_pods() -> Result<()> {
 async fn rbac_denies_what_a_role_does_not_allow() -> Result<()> {
     let ns = TestNamespace::new("smoke-rbac").await?;
     let pp = PostParams::default();
-    ns.api::<ServiceAccount>().create(&pp, &from_json(serde_json::json!({"metadata": {"name": "limited"}}))).await?;
+    ns.api::<ServiceAccount>()
+        .create(
+            &pp,
+            &from_json(serde_json::json!({"metadata": {"name": "limited"}})),
+        )
+        .await?;
     ns.api::<Role>()
         .create(
             &pp,
@@ -169,7 +200,9 @@ async fn rbac_denies_what_a_role_does_not_allow() -> Result<()> {
             })),
         )
         .await?;
-    let sa_client = support::impersonating_client(&format!("system:serviceaccount:{}:limited", ns.name)).await?;
+    let sa_client =
+        support::impersonating_client(&format!("system:serviceaccount:{}:limited", ns.name))
+            .await?;
     let cms: Api<ConfigMap> = Api::namespaced(sa_client.clone(), &ns.name);
     let secrets: Api<Secret> = Api::namespaced(sa_client, &ns.name);
     // RBAC caches settle quickly but not instantly: wait until the allowed call works...
@@ -191,14 +224,24 @@ async fn postgres_creates_a_logical_replication_slot() -> Result<()> {
     let db = support::fresh_database("smoke_pg").await?;
     let client = db.connect().await?;
     let slot = format!("smoke_{}", support::random_suffix());
-    client.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot]).await?;
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
     let row = client
-        .query_one("SELECT plugin, slot_type, database FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT plugin, slot_type, database FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await?;
     assert_eq!(row.get::<_, String>(0), "pgoutput");
     assert_eq!(row.get::<_, String>(1), "logical");
     assert_eq!(row.get::<_, String>(2), db.name);
-    client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
     Ok(())
 }
 
@@ -208,13 +251,17 @@ async fn kafka_round_trips_a_message() -> Result<()> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topic = format!("smoke-{}", support::random_suffix());
     support::kafka_create_topic(&topic, 1).await?;
-    let producer: FutureProducer = support::kafka_client_config().set("enable.idempotence", "true").create()?;
+    let producer: FutureProducer = support::kafka_client_config()
+        .set("enable.idempotence", "true")
+        .create()?;
     producer
         .send(
-            FutureRecord::to(&topic)
-                .key("k1")
-                .payload("hello")
-                .headers(OwnedHeaders::new().insert(Header { key: "id", value: Some("e1") })),
+            FutureRecord::to(&topic).key("k1").payload("hello").headers(
+                OwnedHeaders::new().insert(Header {
+                    key: "id",
+                    value: Some("e1"),
+                }),
+            ),
             Duration::from_secs(30),
         )
         .await
@@ -222,7 +269,10 @@ async fn kafka_round_trips_a_message() -> Result<()> {
     let got = support::kafka_consume(&topic, 1, TIMEOUT).await?;
     assert_eq!(got[0].key.as_deref(), Some(&b"k1"[..]));
     assert_eq!(got[0].payload.as_deref(), Some(&b"hello"[..]));
-    assert_eq!(got[0].headers, vec![("id".to_string(), Some(b"e1".to_vec()))]);
+    assert_eq!(
+        got[0].headers,
+        vec![("id".to_string(), Some(b"e1".to_vec()))]
+    );
     Ok(())
 }
 
@@ -245,7 +295,9 @@ async fn jetstream_acks_and_deduplicates() -> Result<()> {
         async move {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id);
-            js.publish_with_headers(subject, headers, body.into()).await?.await
+            js.publish_with_headers(subject, headers, body.into())
+                .await?
+                .await
         }
     };
     // Core NATS as well: a plain subscription sees JetStream-published messages on its subject.
@@ -255,13 +307,19 @@ async fn jetstream_acks_and_deduplicates() -> Result<()> {
     assert!(!first.duplicate);
     assert_eq!(first.stream, name);
     let again = publish("event-1", "one again").await?;
-    assert!(again.duplicate, "a repeated Nats-Msg-Id must be deduplicated");
+    assert!(
+        again.duplicate,
+        "a repeated Nats-Msg-Id must be deduplicated"
+    );
     let second = publish("event-2", "two").await?;
     assert!(!second.duplicate);
     let seen = support::nats_collect(&mut sub, 3, TIMEOUT).await?;
     assert_eq!(seen.len(), 3, "core subscribers see every publish, deduplicated or not");
     let msgs = support::jetstream_read(&client, &name, 2, TIMEOUT).await?;
-    assert_eq!(msgs.iter().map(|m| m.payload.to_vec()).collect::<Vec<_>>(), vec![b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(
+        msgs.iter().map(|m| m.payload.to_vec()).collect::<Vec<_>>(),
+        vec![b"one".to_vec(), b"two".to_vec()]
+    );
     let mut stream = js.get_stream(&name).await?;
     assert_eq!(stream.info().await?.state.messages, 2);
     js.delete_stream(&name).await?;
@@ -275,7 +333,11 @@ async fn kafka_connect_lists_the_debezium_postgres_connector() -> Result<()> {
     assert_eq!(status, 200, "{body}");
     let plugins: serde_json::Value = serde_json::from_str(&body)?;
     assert!(
-        plugins.as_array().unwrap().iter().any(|p| p["class"] == "io.debezium.connector.postgresql.PostgresConnector"),
+        plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["class"] == "io.debezium.connector.postgresql.PostgresConnector"),
         "Debezium Postgres connector not listed: {body}"
     );
     Ok(())
@@ -284,8 +346,16 @@ async fn kafka_connect_lists_the_debezium_postgres_connector() -> Result<()> {
 #[test]
 fn helm_version_answers() {
     let e = support::env();
-    let out = e.command(&e.helm).args(["version", "--short"]).output().expect("run helm");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = e
+        .command(&e.helm)
+        .args(["version", "--short"])
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = String::from_utf8_lossy(&out.stdout);
     assert!(v.starts_with("v3."), "unexpected helm version: {v}");
 }
@@ -293,8 +363,19 @@ fn helm_version_answers() {
 #[test]
 fn apiserver_reports_its_real_version() {
     let e = support::env();
-    let out = e.command(&e.kubectl).args(["version", "-o", "json"]).output().expect("run kubectl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = e
+        .command(&e.kubectl)
+        .args(["version", "-o", "json"])
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["serverVersion"]["gitVersion"], e.var("KUBERNETES_VERSION"));
+    assert_eq!(
+        v["serverVersion"]["gitVersion"],
+        e.var("KUBERNETES_VERSION")
+    );
 }

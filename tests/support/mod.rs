@@ -50,7 +50,10 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn var(&self, key: &str) -> &str {
-        self.vars.get(key).map(String::as_str).unwrap_or_else(|| panic!("{key} missing from the env file"))
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("{key} missing from the env file"))
     }
 
     /// A `std::process::Command` for a binary of the env (`kubectl`, `helm`, ...) with the env's
@@ -84,7 +87,12 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
         .filter_map(|l| l.trim().strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
         .filter(|(k, _)| *k != "PATH")
-        .map(|(k, v)| (k.to_string(), v.trim_matches(|c| c == '\'' || c == '"').to_string()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.trim_matches(|c| c == '\'' || c == '"').to_string(),
+            )
+        })
         .collect()
 }
 
@@ -118,9 +126,14 @@ pub fn env() -> &'static TestEnv {
 
 fn load_env(dir: &Path) -> Result<TestEnv> {
     let file = dir.join("env");
-    let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
     let vars = parse_env_file(&text);
-    let get = |k: &str| vars.get(k).cloned().ok_or_else(|| anyhow!("{k} missing in {}", file.display()));
+    let get = |k: &str| {
+        vars.get(k)
+            .cloned()
+            .ok_or_else(|| anyhow!("{k} missing in {}", file.display()))
+    };
     Ok(TestEnv {
         dir: dir.to_path_buf(),
         kubeconfig: get("KUBECONFIG")?.into(),
@@ -141,7 +154,9 @@ fn load_env(dir: &Path) -> Result<TestEnv> {
 pub fn random_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..6).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect()
+    (0..6)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect()
 }
 
 /// Polls `f` every 250 ms until it returns `Some`, failing after `timeout`.
@@ -206,7 +221,9 @@ impl TestNamespace {
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"servicedb.io/test": "true"}}
         }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
         wait_until("the namespace's default ServiceAccount", TIMEOUT, || {
             let sas = sas.clone();
@@ -234,11 +251,18 @@ impl Drop for TestNamespace {
         // shutting down. Bounded by a timeout.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(10), async {
                     let client = kube_client().await?;
-                    Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await?;
+                    Api::<Namespace>::all(client)
+                        .delete(&name, &DeleteParams::background())
+                        .await?;
                     anyhow::Ok(())
                 })
                 .await;
@@ -253,7 +277,9 @@ impl Drop for TestNamespace {
 pub async fn mark_pod_ready(client: &kube::Client, namespace: &str, name: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let pod = pods.get(name).await?;
-    let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
     let containers: Vec<_> = pod
         .spec
         .as_ref()
@@ -269,7 +295,8 @@ pub async fn mark_pod_ready(client: &kube::Client, namespace: &str, name: &str) 
             })
         })
         .collect();
-    let cond = |t: &str| serde_json::json!({"type": t, "status": "True", "lastTransitionTime": now});
+    let cond =
+        |t: &str| serde_json::json!({"type": t, "status": "True", "lastTransitionTime": now});
     let patch = serde_json::json!({
         "status": {
             "phase": "Running",
@@ -281,7 +308,8 @@ pub async fn mark_pod_ready(client: &kube::Client, namespace: &str, name: &str) 
             "containerStatuses": statuses,
         }
     });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     Ok(())
 }
 
@@ -295,19 +323,23 @@ pub async fn mark_pods_ready(
 ) -> Result<Vec<String>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(label_selector);
-    let names = wait_until(&format!("{count} pods matching {label_selector}"), TIMEOUT, || {
-        let (pods, lp) = (pods.clone(), lp.clone());
-        async move {
-            let list = pods.list(&lp).await.ok()?;
-            let names: Vec<String> = list
-                .items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter_map(|p| p.metadata.name.clone())
-                .collect();
-            (names.len() >= count).then_some(names)
-        }
-    })
+    let names = wait_until(
+        &format!("{count} pods matching {label_selector}"),
+        TIMEOUT,
+        || {
+            let (pods, lp) = (pods.clone(), lp.clone());
+            async move {
+                let list = pods.list(&lp).await.ok()?;
+                let names: Vec<String> = list
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter_map(|p| p.metadata.name.clone())
+                    .collect();
+                (names.len() >= count).then_some(names)
+            }
+        },
+    )
     .await?;
     for n in &names {
         mark_pod_ready(client, namespace, n).await?;
@@ -342,10 +374,19 @@ pub async fn pg_connect(config: &tokio_postgres::Config) -> Result<tokio_postgre
 
 pub async fn fresh_database(prefix: &str) -> Result<TestDatabase> {
     let e = env();
-    let name = format!("{}_{}", prefix.to_lowercase().replace('-', "_"), random_suffix());
+    let name = format!(
+        "{}_{}",
+        prefix.to_lowercase().replace('-', "_"),
+        random_suffix()
+    );
     let admin = pg_connect(&e.pg_config("postgres")).await?;
-    admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
-    Ok(TestDatabase { config: e.pg_config(&name), name })
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await?;
+    Ok(TestDatabase {
+        config: e.pg_config(&name),
+        name,
+    })
 }
 
 // ---- Kafka -------------------------------------------------------------------------------------
@@ -372,7 +413,10 @@ pub async fn kafka_create_topic(topic: &str, partitions: i32) -> Result<()> {
     let admin: AdminClient<_> = kafka_client_config().create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let res = admin
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &opts)
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
         .await?;
     for r in res {
         r.map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
@@ -399,7 +443,11 @@ pub async fn kafka_consume(topic: &str, n: usize, timeout: Duration) -> Result<V
             let m = consumer.recv().await?;
             let headers = m
                 .headers()
-                .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
                 .unwrap_or_default();
             out.push(KafkaRecord {
                 partition: m.partition(),
@@ -412,7 +460,12 @@ pub async fn kafka_consume(topic: &str, n: usize, timeout: Duration) -> Result<V
         anyhow::Ok(())
     })
     .await
-    .map_err(|_| anyhow!("timed out after {timeout:?}: got {} of {n} records from {topic}", out.len()))??;
+    .map_err(|_| {
+        anyhow!(
+            "timed out after {timeout:?}: got {} of {n} records from {topic}",
+            out.len()
+        )
+    })??;
     Ok(out)
 }
 
@@ -459,7 +512,10 @@ pub async fn jetstream_read(
     let js = async_nats::jetstream::new(client.clone());
     let stream = js.get_stream(stream).await?;
     let consumer = stream
-        .create_consumer(OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
         .await?;
     let mut messages = consumer.messages().await?;
     let mut out = Vec::with_capacity(n);
@@ -473,7 +529,12 @@ pub async fn jetstream_read(
         anyhow::Ok(())
     })
     .await
-    .map_err(|_| anyhow!("timed out after {timeout:?}: got {} of {n} messages", out.len()))??;
+    .map_err(|_| {
+        anyhow!(
+            "timed out after {timeout:?}: got {} of {n} messages",
+            out.len()
+        )
+    })??;
     Ok(out)
 }
 
@@ -482,7 +543,9 @@ pub async fn jetstream_read(
 /// A minimal HTTP/1.0 request to a loopback `http://` URL; returns (status, body).
 pub async fn http_request(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow!("not an http:// URL: {url}"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not an http:// URL: {url}"))?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     let body = body.unwrap_or("");
