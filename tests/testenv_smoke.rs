@@ -314,7 +314,11 @@ async fn jetstream_acks_and_deduplicates() -> Result<()> {
     let second = publish("event-2", "two").await?;
     assert!(!second.duplicate);
     let seen = support::nats_collect(&mut sub, 3, TIMEOUT).await?;
-    assert_eq!(seen.len(), 3, "core subscribers see every publish, deduplicated or not");
+    assert_eq!(
+        seen.len(),
+        3,
+        "core subscribers see every publish, deduplicated or not"
+    );
     let msgs = support::jetstream_read(&client, &name, 2, TIMEOUT).await?;
     assert_eq!(
         msgs.iter().map(|m| m.payload.to_vec()).collect::<Vec<_>>(),

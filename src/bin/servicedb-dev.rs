@@ -6,7 +6,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "servicedb-dev", about = "Development tools for servicedb-operator (not for production)")]
+#[command(
+    name = "servicedb-dev",
+    about = "Development tools for servicedb-operator (not for production)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,11 +75,21 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     servicedb::telemetry::init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match cli.command {
-        Command::RunRelays { namespace, program, work_dir } => runtime.block_on(async move {
-            let client = kube::Client::try_default().await.context("connecting to Kubernetes")?;
-            let program = std::fs::canonicalize(&program).with_context(|| format!("{} not found", program.display()))?;
+        Command::RunRelays {
+            namespace,
+            program,
+            work_dir,
+        } => runtime.block_on(async move {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes")?;
+            let program = std::fs::canonicalize(&program)
+                .with_context(|| format!("{} not found", program.display()))?;
             std::fs::create_dir_all(&work_dir)?;
             let work_dir = std::fs::canonicalize(&work_dir)?;
             servicedb::devrunner::run(client, namespace, program, work_dir, async {
@@ -85,23 +98,46 @@ fn main() -> anyhow::Result<()> {
             .await?;
             anyhow::Ok(())
         })?,
-        Command::ConsumeKafka { bootstrap_servers, topic, count, id, timeout_seconds } => {
-            runtime.block_on(consume_kafka(bootstrap_servers, topic, count, id, timeout_seconds))?
-        }
-        Command::ConsumeNats { url, stream, count, id, timeout_seconds } => {
-            runtime.block_on(consume_nats(url, stream, count, id, timeout_seconds))?
-        }
+        Command::ConsumeKafka {
+            bootstrap_servers,
+            topic,
+            count,
+            id,
+            timeout_seconds,
+        } => runtime.block_on(consume_kafka(
+            bootstrap_servers,
+            topic,
+            count,
+            id,
+            timeout_seconds,
+        ))?,
+        Command::ConsumeNats {
+            url,
+            stream,
+            count,
+            id,
+            timeout_seconds,
+        } => runtime.block_on(consume_nats(url, stream, count, id, timeout_seconds))?,
     }
     Ok(())
 }
 
-async fn consume_kafka(bootstrap: String, topic: String, count: usize, id: Option<String>, timeout_seconds: u64) -> anyhow::Result<()> {
+async fn consume_kafka(
+    bootstrap: String,
+    topic: String,
+    count: usize,
+    id: Option<String>,
+    timeout_seconds: u64,
+) -> anyhow::Result<()> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("servicedb-dev-{}", uuid::Uuid::new_v4()))
+        .set(
+            "group.id",
+            format!("servicedb-dev-{}", uuid::Uuid::new_v4()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
@@ -110,12 +146,27 @@ async fn consume_kafka(bootstrap: String, topic: String, count: usize, id: Optio
     let mut printed = 0;
     let mut found = id.is_none();
     while printed < count {
-        let msg = tokio::time::timeout(deadline, consumer.recv()).await.context("timed out waiting for a Kafka message")??;
+        let msg = tokio::time::timeout(deadline, consumer.recv())
+            .await
+            .context("timed out waiting for a Kafka message")??;
         let headers: Vec<String> = msg
             .headers()
-            .map(|h| h.iter().map(|h| format!("{}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default()))).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        format!(
+                            "{}={}",
+                            h.key,
+                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        found = found || id.as_ref().is_some_and(|id| headers.iter().any(|h| is_id_header(h, id)));
+        found = found
+            || id
+                .as_ref()
+                .is_some_and(|id| headers.iter().any(|h| is_id_header(h, id)));
         if !found {
             continue;
         }
@@ -132,7 +183,13 @@ async fn consume_kafka(bootstrap: String, topic: String, count: usize, id: Optio
     Ok(())
 }
 
-async fn consume_nats(url: String, stream: String, count: usize, id: Option<String>, timeout_seconds: u64) -> anyhow::Result<()> {
+async fn consume_nats(
+    url: String,
+    stream: String,
+    count: usize,
+    id: Option<String>,
+    timeout_seconds: u64,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
     let client = async_nats::connect(&url).await?;
     let js = async_nats::jetstream::new(client);
@@ -158,24 +215,44 @@ async fn consume_nats(url: String, stream: String, count: usize, id: Option<Stri
     let mut printed = 0;
     let mut found = id.is_none();
     while printed < count {
-        let msg = tokio::time::timeout(deadline, messages.next()).await.context("timed out waiting for a NATS message")?.context("stream ended")??;
+        let msg = tokio::time::timeout(deadline, messages.next())
+            .await
+            .context("timed out waiting for a NATS message")?
+            .context("stream ended")??;
         let headers: Vec<String> = msg
             .headers
             .iter()
-            .flat_map(|h| h.iter().map(|(k, v)| format!("{k}={}", v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(","))))
+            .flat_map(|h| {
+                h.iter().map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",")
+                    )
+                })
+            })
             .collect();
         msg.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
-        found = found || id.as_ref().is_some_and(|id| headers.iter().any(|h| is_id_header(h, id)));
+        found = found
+            || id
+                .as_ref()
+                .is_some_and(|id| headers.iter().any(|h| is_id_header(h, id)));
         if !found {
             continue;
         }
         printed += 1;
-        println!("nats {} headers=[{}] data={}", msg.subject, headers.join(", "), String::from_utf8_lossy(&msg.payload));
+        println!(
+            "nats {} headers=[{}] data={}",
+            msg.subject,
+            headers.join(", "),
+            String::from_utf8_lossy(&msg.payload)
+        );
     }
     Ok(())
 }
 
 /// Whether a printed `key=value` header names event `id`.
 fn is_id_header(header: &str, id: &str) -> bool {
-    ["id", "ce_id", "ce-id", "Nats-Msg-Id"].iter().any(|k| header == format!("{k}={id}"))
+    ["id", "ce_id", "ce-id", "Nats-Msg-Id"]
+        .iter()
+        .any(|k| header == format!("{k}={id}"))
 }

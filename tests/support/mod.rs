@@ -496,7 +496,12 @@ pub async fn nats_collect(
         anyhow::Ok(())
     })
     .await
-    .map_err(|_| anyhow!("timed out after {timeout:?}: got {} of {n} messages", out.len()))??;
+    .map_err(|_| {
+        anyhow!(
+            "timed out after {timeout:?}: got {} of {n} messages",
+            out.len()
+        )
+    })??;
     Ok(out)
 }
 
