@@ -26,7 +26,11 @@ enum Command {
         #[arg(long, env = "SERVICEDB_LISTEN", default_value = "0.0.0.0:8080")]
         listen: std::net::SocketAddr,
         /// Image of relay Deployments (normally the operator's own image).
-        #[arg(long, env = "SERVICEDB_RELAY_IMAGE", default_value = "servicedb-operator:latest")]
+        #[arg(
+            long,
+            env = "SERVICEDB_RELAY_IMAGE",
+            default_value = "servicedb-operator:latest"
+        )]
         relay_image: String,
         /// Namespace the operator runs in; instance NetworkPolicies admit its pods.
         #[arg(long, env = "POD_NAMESPACE")]
@@ -59,7 +63,14 @@ fn main() -> anyhow::Result<()> {
             let yaml = servicedb::api::crds_yaml().context("rendering the CRDs")?;
             std::io::stdout().write_all(yaml.as_bytes())?;
         }
-        Command::Operator { listen, relay_image, namespace, watch_namespace, concurrency, resync_seconds } => {
+        Command::Operator {
+            listen,
+            relay_image,
+            namespace,
+            watch_namespace,
+            concurrency,
+            resync_seconds,
+        } => {
             servicedb::telemetry::init();
             let settings = servicedb::operator::Settings {
                 operator_namespace: namespace,
@@ -87,13 +98,19 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_operator(listen: std::net::SocketAddr, settings: servicedb::operator::Settings) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+async fn run_operator(
+    listen: std::net::SocketAddr,
+    settings: servicedb::operator::Settings,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     servicedb::operator::check_crds(&client).await?;
     let registry = std::sync::Arc::new(prometheus_client::registry::Registry::default());
     let readiness = servicedb::http::Readiness::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let (addr, server) = servicedb::http::bind(listen, registry, readiness.clone(), shutdown.clone()).await?;
+    let (addr, server) =
+        servicedb::http::bind(listen, registry, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let server = tokio::spawn(server);
     readiness.set(true);
@@ -104,7 +121,10 @@ async fn run_operator(listen: std::net::SocketAddr, settings: servicedb::operato
         stop.cancel();
     });
     let controllers_stop = shutdown.clone();
-    servicedb::operator::run(client, settings, async move { controllers_stop.cancelled().await }).await;
+    servicedb::operator::run(client, settings, async move {
+        controllers_stop.cancelled().await
+    })
+    .await;
     shutdown.cancel();
     server.await.context("joining the HTTP server")??;
     Ok(())
@@ -114,7 +134,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

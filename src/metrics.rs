@@ -45,13 +45,9 @@ impl RelayMetrics {
             published: Counter::default(),
             failed: Family::default(),
             dead_lettered: Counter::default(),
-            batch_seconds: Histogram::new(
-                [
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0,
-                ]
-                .into_iter(),
-            ),
+            batch_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             lag_rows: Gauge::default(),
             lag_seconds: Gauge::default(),
             slot_retained_bytes: Gauge::default(),

@@ -18,7 +18,14 @@ async fn apply(ns: &support::TestNamespace, obj: &Value) -> Result<(), kube::Err
     let kind = obj["kind"].as_str().unwrap_or_default();
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     let obj: DynamicObject = serde_json::from_value(obj.clone()).expect("object");
-    api_for(ns, kind).patch(name, &PatchParams::apply("servicedb-tests").force(), &Patch::Apply(&obj)).await.map(|_| ())
+    api_for(ns, kind)
+        .patch(
+            name,
+            &PatchParams::apply("servicedb-tests").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .map(|_| ())
 }
 
 fn rejection(result: Result<(), kube::Error>) -> String {
@@ -54,7 +61,9 @@ async fn every_example_applies_with_server_side_apply() -> Result<()> {
         let text = std::fs::read_to_string(&path)?;
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value: Value = serde::Deserialize::deserialize(doc)?;
-            apply(&ns, &value).await.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            apply(&ns, &value)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             applied += 1;
         }
     }
@@ -67,7 +76,8 @@ async fn apiserver_rejects_both_managed_and_external() -> Result<()> {
     harness::install_crds().await?;
     let ns = support::TestNamespace::new("adm-both").await?;
     let mut obj = managed("both");
-    obj["spec"]["instance"]["external"] = json!({"host": "pg.internal", "adminSecretRef": {"name": "a"}});
+    obj["spec"]["instance"]["external"] =
+        json!({"host": "pg.internal", "adminSecretRef": {"name": "a"}});
     let msg = rejection(apply(&ns, &obj).await);
     assert!(msg.contains("exactly one of managed or external"), "{msg}");
     let mut neither = managed("neither");
@@ -103,9 +113,13 @@ async fn apiserver_rejects_changes_to_immutable_and_monotonic_fields() -> Result
     assert!(msg.contains("may not go down"), "{msg}");
 
     let mut switched = grown.clone();
-    switched["spec"]["instance"] = json!({"external": {"host": "pg.internal", "adminSecretRef": {"name": "a"}}});
+    switched["spec"]["instance"] =
+        json!({"external": {"host": "pg.internal", "adminSecretRef": {"name": "a"}}});
     let msg = rejection(apply(&ns, &switched).await);
-    assert!(msg.contains("instance kind (managed or external) is immutable"), "{msg}");
+    assert!(
+        msg.contains("instance kind (managed or external) is immutable"),
+        "{msg}"
+    );
 
     let mut new_owner = grown.clone();
     new_owner["spec"]["owner"]["service"] = json!("billing");
@@ -141,7 +155,10 @@ async fn apiserver_rejects_injection_and_overlong_identifiers() -> Result<()> {
     let mut reserved = managed("reserved");
     reserved["spec"]["instance"]["managed"]["parameters"] = json!({"listen_addresses": "*"});
     let msg = rejection(apply(&ns, &reserved).await);
-    assert!(msg.contains("may not override keys the operator owns"), "{msg}");
+    assert!(
+        msg.contains("may not override keys the operator owns"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -159,7 +176,13 @@ async fn apiserver_rejects_bad_relays() -> Result<()> {
     let both = json!({"kafka": {"bootstrapServers": "k:9092"}, "nats": {"url": "nats://n:4222"}});
     let msg = rejection(apply(&ns, &relay(both, 10)).await);
     assert!(msg.contains("exactly one of kafka or nats"), "{msg}");
-    let msg = rejection(apply(&ns, &relay(json!({"kafka": {"bootstrapServers": "k:9092"}}), 0)).await);
+    let msg = rejection(
+        apply(
+            &ns,
+            &relay(json!({"kafka": {"bootstrapServers": "k:9092"}}), 0),
+        )
+        .await,
+    );
     assert!(msg.contains("spec.batchSize"), "{msg}");
     let msg = rejection(apply(&ns, &relay(json!({"kafka": {"bootstrapServers": "k:9092", "properties": {"enable.idempotence": "false"}}}), 10)).await);
     assert!(msg.contains("may not override enable.idempotence"), "{msg}");

@@ -10,14 +10,21 @@ fn repo() -> &'static Path {
 
 #[test]
 fn committed_crds_match_what_servicedb_crd_prints() {
-    let committed = std::fs::read_to_string(repo().join("crds/servicedb.io_crds.yaml")).expect("read crds/");
+    let committed =
+        std::fs::read_to_string(repo().join("crds/servicedb.io_crds.yaml")).expect("read crds/");
     let generated = servicedb::api::crds_yaml().expect("render CRDs");
-    assert!(committed == generated, "crds/ is stale: run `make crds` and commit the result");
+    assert!(
+        committed == generated,
+        "crds/ is stale: run `make crds` and commit the result"
+    );
 }
 
 #[test]
 fn servicedb_crd_prints_both_crds() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_servicedb")).arg("crd").output().expect("run servicedb crd");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_servicedb"))
+        .arg("crd")
+        .output()
+        .expect("run servicedb crd");
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).expect("utf-8");
     assert!(text.contains("name: servicedatabases.servicedb.io"));
@@ -35,24 +42,41 @@ fn every_example_parses_against_the_api_types() {
         let text = std::fs::read_to_string(&path).expect("read example");
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(doc).expect("yaml");
-            let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or_default()
+                .to_owned();
             match kind.as_str() {
                 "ServiceDatabase" => {
-                    let sdb: ServiceDatabase = serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let sdb: ServiceDatabase = serde_yaml::from_value(value)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     let m = sdb.spec.instance.managed.is_some();
                     let x = sdb.spec.instance.external.is_some();
-                    assert!(m != x, "{}: exactly one of managed/external", path.display());
+                    assert!(
+                        m != x,
+                        "{}: exactly one of managed/external",
+                        path.display()
+                    );
                 }
                 "OutboxRelay" => {
-                    let r: OutboxRelay = serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    assert!(r.spec.sink.kafka.is_some() != r.spec.sink.nats.is_some(), "{}: one sink", path.display());
+                    let r: OutboxRelay = serde_yaml::from_value(value)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    assert!(
+                        r.spec.sink.kafka.is_some() != r.spec.sink.nats.is_some(),
+                        "{}: one sink",
+                        path.display()
+                    );
                 }
                 other => panic!("{}: unexpected kind {other:?}", path.display()),
             }
             seen += 1;
         }
     }
-    assert!(seen >= 4, "expected at least four example objects, saw {seen}");
+    assert!(
+        seen >= 4,
+        "expected at least four example objects, saw {seen}"
+    );
 }
 
 use serde::Deserialize;

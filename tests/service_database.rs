@@ -11,21 +11,29 @@ use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
-use servicedb::api::ServiceDatabase;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
+use servicedb::api::ServiceDatabase;
 
-use harness::{Operator, connect_uri, create_admin_secret, external_sdb, secret_string, wait_condition};
+use harness::{
+    Operator, connect_uri, create_admin_secret, external_sdb, secret_string, wait_condition,
+};
 
 async fn create(ns: &support::TestNamespace, obj: serde_json::Value) -> Result<ServiceDatabase> {
     let sdb: ServiceDatabase = serde_json::from_value(obj)?;
-    Ok(ns.api::<ServiceDatabase>().create(&PostParams::default(), &sdb).await?)
+    Ok(ns
+        .api::<ServiceDatabase>()
+        .create(&PostParams::default(), &sdb)
+        .await?)
 }
 
 async fn database_exists(name: &str) -> Result<bool> {
     let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
-    Ok(admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some())
+    Ok(admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some())
 }
 
 async fn uri_of(ns: &support::TestNamespace, secret: &str) -> Result<String> {
@@ -37,7 +45,10 @@ async fn uri_of(ns: &support::TestNamespace, secret: &str) -> Result<String> {
 async fn passwords(ns: &support::TestNamespace, secrets: &[&str]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for s in secrets {
-        out.push(secret_string(&ns.api::<Secret>().get(s).await?, "password")?);
+        out.push(secret_string(
+            &ns.api::<Secret>().get(s).await?,
+            "password",
+        )?);
     }
     Ok(out)
 }
@@ -55,15 +66,31 @@ async fn external_database_gets_exactly_least_privilege_roles() -> Result<()> {
     let orders = wait_condition(&api, "orders", "Ready", "True", support::TIMEOUT).await?;
     wait_condition(&api, "billing", "Ready", "True", support::TIMEOUT).await?;
     let status = orders.status.clone().expect("status");
-    assert_eq!(status.phase, Some(servicedb::api::service_database::Phase::Ready));
-    assert_eq!(status.database.as_deref(), Some(a.replace('-', "_").as_str()));
+    assert_eq!(
+        status.phase,
+        Some(servicedb::api::service_database::Phase::Ready)
+    );
+    assert_eq!(
+        status.database.as_deref(),
+        Some(a.replace('-', "_").as_str())
+    );
     for cond in ["Ready", "InstanceReady", "DatabaseReady", "OutboxReady"] {
-        assert!(status.conditions.iter().any(|c| c.type_ == cond && c.status == "True"), "{cond} not True: {:?}", status.conditions);
+        assert!(
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == cond && c.status == "True"),
+            "{cond} not True: {:?}",
+            status.conditions
+        );
     }
 
     // Secrets carry the service-binding keys.
     let app_secret = ns.api::<Secret>().get("orders-app").await?;
-    for key in ["type", "provider", "host", "port", "database", "username", "password", "uri", "jdbc-uri", "pgpass"] {
+    for key in [
+        "type", "provider", "host", "port", "database", "username", "password", "uri", "jdbc-uri",
+        "pgpass",
+    ] {
         secret_string(&app_secret, key)?;
     }
     assert_eq!(secret_string(&app_secret, "type")?, "postgresql");
@@ -82,32 +109,55 @@ async fn external_database_gets_exactly_least_privilege_roles() -> Result<()> {
     let rows = relay.query("SELECT id FROM outbox", &[]).await?;
     assert_eq!(rows.len(), 1);
     assert_eq!(relay.execute("DELETE FROM outbox", &[]).await?, 1);
-    let denied = relay.query("SELECT * FROM private_orders", &[]).await.expect_err("relay read an app table");
+    let denied = relay
+        .query("SELECT * FROM private_orders", &[])
+        .await
+        .expect_err("relay read an app table");
     assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
 
     // Neither app can connect to the other's database.
     let billing_uri = uri_of(&ns, "billing-app").await?;
     let orders_uri = uri_of(&ns, "orders-app").await?;
     let billing_db = b.replace('-', "_");
-    let cross = orders_uri.replacen(&format!("/{}?", a.replace('-', "_")), &format!("/{billing_db}?"), 1);
-    let err = connect_uri(&cross).await.expect_err("orders app connected to the billing database");
+    let cross = orders_uri.replacen(
+        &format!("/{}?", a.replace('-', "_")),
+        &format!("/{billing_db}?"),
+        1,
+    );
+    let err = connect_uri(&cross)
+        .await
+        .expect_err("orders app connected to the billing database");
     assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
     drop(billing_uri);
 
     // A role with no grants cannot connect at all: CONNECT is revoked from PUBLIC.
     let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
     let stranger = format!("stranger_{}", support::random_suffix());
-    admin.batch_execute(&format!("CREATE ROLE {stranger} LOGIN PASSWORD 'stranger-pw'")).await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {stranger} LOGIN PASSWORD 'stranger-pw'"
+        ))
+        .await?;
     let e = support::env();
-    let stranger_uri = format!("postgresql://{stranger}:stranger-pw@{}:{}/{}", e.pg_host, e.pg_port, a.replace('-', "_"));
-    let err = connect_uri(&stranger_uri).await.expect_err("a role without grants connected");
+    let stranger_uri = format!(
+        "postgresql://{stranger}:stranger-pw@{}:{}/{}",
+        e.pg_host,
+        e.pg_port,
+        a.replace('-', "_")
+    );
+    let err = connect_uri(&stranger_uri)
+        .await
+        .expect_err("a role without grants connected");
     assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
-    admin.batch_execute(&format!("DROP ROLE {stranger}")).await?;
+    admin
+        .batch_execute(&format!("DROP ROLE {stranger}"))
+        .await?;
     Ok(())
 }
 
 #[tokio::test]
-async fn passwords_survive_operator_restarts_and_resyncs_and_noop_resyncs_write_nothing() -> Result<()> {
+async fn passwords_survive_operator_restarts_and_resyncs_and_noop_resyncs_write_nothing()
+-> Result<()> {
     let ns = support::TestNamespace::new("sdb-pw").await?;
     let op = Operator::start(&ns.name).await?;
     create_admin_secret(&ns, "pg-admin").await?;
@@ -135,14 +185,26 @@ async fn passwords_survive_operator_restarts_and_resyncs_and_noop_resyncs_write_
     let _op = Operator::start(&ns.name).await?;
     // Ten forced resyncs: each annotation change triggers a reconcile.
     for i in 0..10 {
-        api.patch("pw", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"test/resync": i.to_string()}}})))
-            .await?;
+        api.patch(
+            "pw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/resync": i.to_string()}}})),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(passwords(&ns, &names).await?, before, "a password changed");
-    assert_eq!(versions(&ns).await?, secret_versions, "a no-op resync rewrote a Secret");
-    assert_eq!(api.get("pw").await?.status, status_before, "a no-op resync changed status");
+    assert_eq!(
+        versions(&ns).await?,
+        secret_versions,
+        "a no-op resync rewrote a Secret"
+    );
+    assert_eq!(
+        api.get("pw").await?.status,
+        status_before,
+        "a no-op resync changed status"
+    );
     // And the passwords still log in.
     connect_uri(&uri_of(&ns, "pw-app").await?).await?;
     connect_uri(&uri_of(&ns, "pw-relay").await?).await?;
@@ -159,27 +221,44 @@ async fn a_deleted_credentials_secret_gets_a_new_password_and_an_event() -> Resu
     let api = ns.api::<ServiceDatabase>();
     wait_condition(&api, "lost", "Ready", "True", support::TIMEOUT).await?;
     let old_uri = uri_of(&ns, "lost-app").await?;
-    ns.api::<Secret>().delete("lost-app", &DeleteParams::default()).await?;
+    ns.api::<Secret>()
+        .delete("lost-app", &DeleteParams::default())
+        .await?;
     let secrets = ns.api::<Secret>();
-    let new_uri = support::wait_until("the app Secret to come back with the new password applied", support::TIMEOUT, || {
-        let secrets = secrets.clone();
-        async move {
-            let s = secrets.get_opt("lost-app").await.ok()??;
-            let applied = s.annotations().get("servicedb.io/password-state").is_some_and(|v| v == "applied");
-            applied.then(|| secret_string(&s, "uri").ok()).flatten()
-        }
-    })
+    let new_uri = support::wait_until(
+        "the app Secret to come back with the new password applied",
+        support::TIMEOUT,
+        || {
+            let secrets = secrets.clone();
+            async move {
+                let s = secrets.get_opt("lost-app").await.ok()??;
+                let applied = s
+                    .annotations()
+                    .get("servicedb.io/password-state")
+                    .is_some_and(|v| v == "applied");
+                applied.then(|| secret_string(&s, "uri").ok()).flatten()
+            }
+        },
+    )
     .await?;
-    ensure!(new_uri != old_uri, "the recreated Secret kept the old password");
+    ensure!(
+        new_uri != old_uri,
+        "the recreated Secret kept the old password"
+    );
     connect_uri(&new_uri).await?;
-    let err = connect_uri(&old_uri).await.expect_err("the old password still works");
+    let err = connect_uri(&old_uri)
+        .await
+        .expect_err("the old password still works");
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
     let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
     support::wait_until("a CredentialsRegenerated Event", support::TIMEOUT, || {
         let events = events.clone();
         async move {
             let list = events.list(&Default::default()).await.ok()?;
-            list.items.iter().any(|e| e.reason.as_deref() == Some("CredentialsRegenerated")).then_some(())
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("CredentialsRegenerated"))
+                .then_some(())
         }
     })
     .await?;
@@ -204,22 +283,40 @@ async fn retain_keeps_the_database_and_delete_drops_it() -> Result<()> {
     for name in ["kept", "gone"] {
         support::wait_until(&format!("{name} to be deleted"), support::TIMEOUT, || {
             let api = api.clone();
-            async move { api.get_opt(name).await.ok().and_then(|o| o.is_none().then_some(())) }
+            async move {
+                api.get_opt(name)
+                    .await
+                    .ok()
+                    .and_then(|o| o.is_none().then_some(()))
+            }
         })
         .await?;
     }
-    assert!(database_exists(&kept.replace('-', "_")).await?, "Retain dropped the database");
-    assert!(!database_exists(&gone.replace('-', "_")).await?, "Delete kept the database");
+    assert!(
+        database_exists(&kept.replace('-', "_")).await?,
+        "Retain dropped the database"
+    );
+    assert!(
+        !database_exists(&gone.replace('-', "_")).await?,
+        "Delete kept the database"
+    );
     // Retain kept the app Secret, orphaned, and its password still logs in.
     let secret = ns.api::<Secret>().get("kept-app").await?;
-    assert!(secret.owner_references().is_empty(), "retained Secret still has an owner");
+    assert!(
+        secret.owner_references().is_empty(),
+        "retained Secret still has an owner"
+    );
     connect_uri(&kept_uri).await?;
     // Clean the retained database off the shared server.
     let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
     let db = kept.replace('-', "_");
     // One statement per call: DROP DATABASE cannot run in the implicit transaction of a batch.
-    admin.batch_execute(&format!("DROP DATABASE \"{db}\" WITH (FORCE)")).await?;
-    admin.batch_execute(&format!("DROP ROLE \"{db}_relay\"")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE \"{db}\" WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("DROP ROLE \"{db}_relay\""))
+        .await?;
     admin.batch_execute(&format!("DROP ROLE \"{db}\"")).await?;
     Ok(())
 }
@@ -238,7 +335,10 @@ async fn a_stopped_server_turns_degraded_and_ready_again_once_back() -> Result<(
     create(&ns, obj).await?;
     let api = ns.api::<ServiceDatabase>();
     let degraded = wait_condition(&api, "down", "DatabaseReady", "False", support::TIMEOUT).await?;
-    assert_eq!(degraded.status.and_then(|s| s.phase), Some(servicedb::api::service_database::Phase::Degraded));
+    assert_eq!(
+        degraded.status.and_then(|s| s.phase),
+        Some(servicedb::api::service_database::Phase::Degraded)
+    );
     proxy.resume().await?;
     wait_condition(&api, "down", "Ready", "True", Duration::from_secs(360)).await?;
     Ok(())
@@ -267,33 +367,78 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
     })
     .await?;
     let uid = sdb.uid().expect("uid");
-    let owned_by_sdb = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
-        refs.iter().any(|r| r.uid == uid && r.controller == Some(true) && r.kind == "ServiceDatabase")
-    };
+    let owned_by_sdb =
+        |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
+            refs.iter()
+                .any(|r| r.uid == uid && r.controller == Some(true) && r.kind == "ServiceDatabase")
+        };
     assert!(owned_by_sdb(sts.owner_references()));
-    assert_eq!(sts.labels().get("app.kubernetes.io/managed-by").map(String::as_str), Some("servicedb-operator"));
-    let pod_spec = sts.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("pod spec");
+    assert_eq!(
+        sts.labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("servicedb-operator")
+    );
+    let pod_spec = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
     let c = &pod_spec.containers[0];
     assert_eq!(c.image.as_deref(), Some("postgres:17"));
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert!(c.args.as_ref().expect("args").contains(&"max_connections=50".to_owned()));
-    let claim = &sts.spec.as_ref().and_then(|s| s.volume_claim_templates.clone()).expect("claims")[0];
-    assert_eq!(claim.spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|r| r.requests.as_ref()).map(|r| r["storage"].0.clone()), Some("1Gi".to_owned()));
+    assert!(
+        c.args
+            .as_ref()
+            .expect("args")
+            .contains(&"max_connections=50".to_owned())
+    );
+    let claim = &sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_claim_templates.clone())
+        .expect("claims")[0];
+    assert_eq!(
+        claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .map(|r| r["storage"].0.clone()),
+        Some("1Gi".to_owned())
+    );
 
     for name in ["orders-db", "orders-db-hl"] {
         let svc = ns.api::<Service>().get(name).await?;
         assert!(owned_by_sdb(svc.owner_references()), "{name}");
     }
-    assert!(owned_by_sdb(ns.api::<ConfigMap>().get("orders-db-config").await?.owner_references()));
+    assert!(owned_by_sdb(
+        ns.api::<ConfigMap>()
+            .get("orders-db-config")
+            .await?
+            .owner_references()
+    ));
     for name in ["orders-superuser", "orders-app", "orders-relay"] {
         let s = ns.api::<Secret>().get(name).await?;
         assert!(owned_by_sdb(s.owner_references()), "{name}");
     }
-    let bootstrap = secret_string(&ns.api::<Secret>().get("orders-superuser").await?, "bootstrap.sql")?;
-    assert!(bootstrap.contains("CREATE DATABASE \"orders\" OWNER \"orders\""), "{bootstrap}");
-    assert!(!bootstrap.contains(&secret_string(&ns.api::<Secret>().get("orders-app").await?, "password")?), "plaintext password in bootstrap");
+    let bootstrap = secret_string(
+        &ns.api::<Secret>().get("orders-superuser").await?,
+        "bootstrap.sql",
+    )?;
+    assert!(
+        bootstrap.contains("CREATE DATABASE \"orders\" OWNER \"orders\""),
+        "{bootstrap}"
+    );
+    assert!(
+        !bootstrap.contains(&secret_string(
+            &ns.api::<Secret>().get("orders-app").await?,
+            "password"
+        )?),
+        "plaintext password in bootstrap"
+    );
 
     // NetworkPolicy: default-deny ingress to the instance, 5432 only from the owner, its relays and CDC.
     let np = ns.api::<NetworkPolicy>().get("orders-db").await?;
@@ -304,10 +449,19 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
     assert_eq!(rules.len(), 1);
     let ports = rules[0].ports.clone().expect("ports");
     assert_eq!(ports.len(), 1);
-    assert_eq!(ports[0].port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(5432)));
+    assert_eq!(
+        ports[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(5432))
+    );
     let peers = serde_json::to_string(&rules[0].from)?;
-    assert!(peers.contains(r#""app.kubernetes.io/name":"orders""#), "{peers}");
-    assert!(peers.contains(r#""servicedb.io/database":"orders""#), "{peers}");
+    assert!(
+        peers.contains(r#""app.kubernetes.io/name":"orders""#),
+        "{peers}"
+    );
+    assert!(
+        peers.contains(r#""servicedb.io/database":"orders""#),
+        "{peers}"
+    );
 
     // The StatefulSet controller creates the pod; mark it Ready as a kubelet would.
     let pods = ns.api::<Pod>();
@@ -318,20 +472,31 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
     .await?;
     support::mark_pod_ready(&ns.client, &ns.name, "orders-db-0").await?;
     let ready = wait_condition(&api, "orders", "Ready", "True", support::TIMEOUT).await?;
-    assert_eq!(ready.status.and_then(|s| s.phase), Some(servicedb::api::service_database::Phase::Ready));
+    assert_eq!(
+        ready.status.and_then(|s| s.phase),
+        Some(servicedb::api::service_database::Phase::Ready)
+    );
 
     // Deleting the CR garbage-collects every child (the controller manager runs the GC).
     api.delete("orders", &DeleteParams::default()).await?;
-    support::wait_until("the StatefulSet, Services, ConfigMap and NetworkPolicy to be collected", support::TIMEOUT, || {
-        let ns = &ns;
-        async move {
-            let sts = ns.api::<StatefulSet>().get_opt("orders-db").await.ok()?;
-            let svc = ns.api::<Service>().get_opt("orders-db").await.ok()?;
-            let cm = ns.api::<ConfigMap>().get_opt("orders-db-config").await.ok()?;
-            let np = ns.api::<NetworkPolicy>().get_opt("orders-db").await.ok()?;
-            (sts.is_none() && svc.is_none() && cm.is_none() && np.is_none()).then_some(())
-        }
-    })
+    support::wait_until(
+        "the StatefulSet, Services, ConfigMap and NetworkPolicy to be collected",
+        support::TIMEOUT,
+        || {
+            let ns = &ns;
+            async move {
+                let sts = ns.api::<StatefulSet>().get_opt("orders-db").await.ok()?;
+                let svc = ns.api::<Service>().get_opt("orders-db").await.ok()?;
+                let cm = ns
+                    .api::<ConfigMap>()
+                    .get_opt("orders-db-config")
+                    .await
+                    .ok()?;
+                let np = ns.api::<NetworkPolicy>().get_opt("orders-db").await.ok()?;
+                (sts.is_none() && svc.is_none() && cm.is_none() && np.is_none()).then_some(())
+            }
+        },
+    )
     .await?;
     Ok(())
 }

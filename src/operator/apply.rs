@@ -60,7 +60,11 @@ pub fn desired_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> 
 
 /// Server-side apply `desired` in `namespace` unless the stored object was applied from the same
 /// desired state. Returns the outcome.
-pub async fn apply<K>(client: &Client, namespace: &str, mut desired: K) -> Result<Outcome, ApplyError>
+pub async fn apply<K>(
+    client: &Client,
+    namespace: &str,
+    mut desired: K,
+) -> Result<Outcome, ApplyError>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -70,31 +74,67 @@ where
 {
     let name = desired.name_any();
     let kind = K::kind(&()).to_string();
-    let hash = desired_hash(&desired).map_err(|source| ApplyError::Serialize { kind: kind.clone(), name: name.clone(), source })?;
+    let hash = desired_hash(&desired).map_err(|source| ApplyError::Serialize {
+        kind: kind.clone(),
+        name: name.clone(),
+        source,
+    })?;
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let current = api
         .get_metadata_opt(&name)
         .await
-        .map_err(|source| ApplyError::Api { verb: "read", kind: kind.clone(), name: name.clone(), source })?;
-    if current.as_ref().and_then(|c| c.annotations().get(APPLIED_HASH_ANNOTATION)) == Some(&hash) {
+        .map_err(|source| ApplyError::Api {
+            verb: "read",
+            kind: kind.clone(),
+            name: name.clone(),
+            source,
+        })?;
+    if current
+        .as_ref()
+        .and_then(|c| c.annotations().get(APPLIED_HASH_ANNOTATION))
+        == Some(&hash)
+    {
         return Ok(Outcome::Unchanged);
     }
-    desired.annotations_mut().insert(APPLIED_HASH_ANNOTATION.to_owned(), hash);
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
-        .await
-        .map_err(|source| ApplyError::Api { verb: "apply", kind, name, source })?;
+    desired
+        .annotations_mut()
+        .insert(APPLIED_HASH_ANNOTATION.to_owned(), hash);
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&desired),
+    )
+    .await
+    .map_err(|source| ApplyError::Api {
+        verb: "apply",
+        kind,
+        name,
+        source,
+    })?;
     Ok(Outcome::Applied)
 }
 
 /// Delete `name` if it exists. Returns whether something was deleted.
-pub async fn delete_if_exists<K>(client: &Client, namespace: &str, name: &str) -> Result<bool, ApplyError>
+pub async fn delete_if_exists<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, ApplyError>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-        Err(source) => Err(ApplyError::Api { verb: "delete", kind: K::kind(&()).to_string(), name: name.to_owned(), source }),
+        Err(source) => Err(ApplyError::Api {
+            verb: "delete",
+            kind: K::kind(&()).to_string(),
+            name: name.to_owned(),
+            source,
+        }),
     }
 }

@@ -19,18 +19,37 @@ pub struct Desired {
 impl Desired {
     /// A condition with status `True`.
     pub fn ok(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Desired { type_, status: true, reason: reason.into(), message: message.into() }
+        Desired {
+            type_,
+            status: true,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
     /// A condition with status `False`.
-    pub fn fail(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Desired { type_, status: false, reason: reason.into(), message: message.into() }
+    pub fn fail(
+        type_: &'static str,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Desired {
+            type_,
+            status: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Merge `desired` into `current`: a condition whose status did not change keeps its
 /// `lastTransitionTime`, so a no-op reconcile produces an identical status and writes nothing.
 /// Conditions not in `desired` are dropped; the result is ordered as `desired`.
-pub fn merge(current: &[Condition], desired: &[Desired], generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+pub fn merge(
+    current: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -54,7 +73,9 @@ pub fn merge(current: &[Condition], desired: &[Desired], generation: Option<i64>
 
 /// Whether the condition `type_` is `True` in `conditions`.
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
-    conditions.iter().any(|c| c.type_ == type_ && c.status == "True")
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }
 
 #[cfg(test)]
@@ -65,10 +86,25 @@ mod tests {
     fn unchanged_status_keeps_the_transition_time_and_a_flip_moves_it() {
         let t0 = Timestamp::from_second(1_000).expect("ts");
         let t1 = Timestamp::from_second(2_000).expect("ts");
-        let first = merge(&[], &[Desired::ok("Ready", "Provisioned", "ok")], Some(1), t0);
-        let again = merge(&first, &[Desired::ok("Ready", "Provisioned", "ok")], Some(1), t1);
+        let first = merge(
+            &[],
+            &[Desired::ok("Ready", "Provisioned", "ok")],
+            Some(1),
+            t0,
+        );
+        let again = merge(
+            &first,
+            &[Desired::ok("Ready", "Provisioned", "ok")],
+            Some(1),
+            t1,
+        );
         assert_eq!(first, again);
-        let flipped = merge(&again, &[Desired::fail("Ready", "Unreachable", "down")], Some(1), t1);
+        let flipped = merge(
+            &again,
+            &[Desired::fail("Ready", "Unreachable", "down")],
+            Some(1),
+            t1,
+        );
         assert_eq!(flipped[0].last_transition_time, Time(t1));
         assert_eq!(flipped[0].status, "False");
     }

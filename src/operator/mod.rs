@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -75,7 +75,10 @@ pub struct Backoff {
 impl Backoff {
     /// The delay before the next attempt for `key`, counting this failure.
     pub fn next(&self, key: &str) -> Duration {
-        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = map.entry(key.to_owned()).or_insert(0);
         *n = n.saturating_add(1);
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
@@ -83,7 +86,10 @@ impl Backoff {
 
     /// Forget the failures of `key` after a success.
     pub fn reset(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
     }
 }
 
@@ -167,12 +173,22 @@ where
 /// The watch of one kind of child: metadata only (`Api<PartialObjectMeta<_>>`), limited to
 /// objects this operator labelled. The controllers need only owner references from children.
 fn children() -> watcher::Config {
-    watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={}", crate::specs::labels::MANAGER))
+    watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        crate::specs::labels::MANAGER
+    ))
 }
 
 /// Run both controllers until `shutdown` resolves.
-pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
-    let reporter = Reporter { controller: crate::specs::labels::MANAGER.to_owned(), instance: std::env::var("POD_NAME").ok() };
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let reporter = Reporter {
+        controller: crate::specs::labels::MANAGER.to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -195,18 +211,39 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
     let sdb_controller = Controller::new(sdb_api, watcher::Config::default().any_semantic())
         .with_config(config.clone())
         .owns(scoped::<PartialObjectMeta<Secret>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<StatefulSet>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<Service>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<ConfigMap>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<NetworkPolicy>>(&client, ns), children())
+        .owns(
+            scoped::<PartialObjectMeta<StatefulSet>>(&client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<Service>>(&client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<NetworkPolicy>>(&client, ns),
+            children(),
+        )
         // A Logical relay needs REPLICATION and a publication: re-reconcile its database.
-        .watches(relays_for_sdb, watcher::Config::default(), |relay: OutboxRelay| {
-            relay
-                .namespace()
-                .map(|ns| kube::runtime::reflector::ObjectRef::new(&relay.spec.database_ref.name).within(&ns))
-        })
+        .watches(
+            relays_for_sdb,
+            watcher::Config::default(),
+            |relay: OutboxRelay| {
+                relay.namespace().map(|ns| {
+                    kube::runtime::reflector::ObjectRef::new(&relay.spec.database_ref.name)
+                        .within(&ns)
+                })
+            },
+        )
         .graceful_shutdown_on(signal(stop_rx.clone()))
-        .run(service_database::reconcile, service_database::error_policy, ctx.clone())
+        .run(
+            service_database::reconcile,
+            service_database::error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "ServiceDatabase reconcile failed");
@@ -216,22 +253,45 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
     // A second watch on OutboxRelays feeds a store that maps a changed ServiceDatabase to the
     // relays that reference it (a ServiceDatabase has no ownerReference to its relays).
     let (relay_reader, relay_writer) = reflector::store::<OutboxRelay>();
-    let relay_index = reflector::reflector(relay_writer, watcher(scoped::<OutboxRelay>(&client, ns), watcher::Config::default()))
-        .default_backoff()
-        .for_each(|_| futures::future::ready(()));
+    let relay_index = reflector::reflector(
+        relay_writer,
+        watcher(
+            scoped::<OutboxRelay>(&client, ns),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
 
     let relay_api: Api<OutboxRelay> = scoped(&client, ns);
     let sdb_for_relays: Api<ServiceDatabase> = scoped(&client, ns);
     let relay_controller = Controller::new(relay_api, watcher::Config::default().any_semantic())
         .with_config(config)
-        .owns(scoped::<PartialObjectMeta<Deployment>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<ConfigMap>>(&client, ns), children())
-        .owns(scoped::<PartialObjectMeta<ServiceAccount>>(&client, ns), children())
-        .watches(sdb_for_relays, watcher::Config::default(), move |sdb: ServiceDatabase| {
-            outbox_relay::relays_of_database(&relay_reader.state(), &sdb)
-        })
+        .owns(
+            scoped::<PartialObjectMeta<Deployment>>(&client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<ServiceAccount>>(&client, ns),
+            children(),
+        )
+        .watches(
+            sdb_for_relays,
+            watcher::Config::default(),
+            move |sdb: ServiceDatabase| {
+                outbox_relay::relays_of_database(&relay_reader.state(), &sdb)
+            },
+        )
         .graceful_shutdown_on(signal(stop_rx))
-        .run(outbox_relay::reconcile, outbox_relay::error_policy, ctx.clone())
+        .run(
+            outbox_relay::reconcile,
+            outbox_relay::error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "OutboxRelay reconcile failed");

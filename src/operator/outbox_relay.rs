@@ -85,7 +85,10 @@ impl Error {
 }
 
 /// The relays in `relays` that publish `sdb`'s outbox (for re-reconciling them when it changes).
-pub fn relays_of_database(relays: &[Arc<OutboxRelay>], sdb: &ServiceDatabase) -> Vec<ObjectRef<OutboxRelay>> {
+pub fn relays_of_database(
+    relays: &[Arc<OutboxRelay>],
+    sdb: &ServiceDatabase,
+) -> Vec<ObjectRef<OutboxRelay>> {
     relays
         .iter()
         .filter(|r| r.namespace() == sdb.namespace() && r.spec.database_ref.name == sdb.name_any())
@@ -110,7 +113,11 @@ pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Act
 
 /// Transient errors retry with a per-object exponential backoff.
 pub fn error_policy(relay: Arc<OutboxRelay>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("obr/{}/{}", relay.namespace().unwrap_or_default(), relay.name_any());
+    let key = format!(
+        "obr/{}/{}",
+        relay.namespace().unwrap_or_default(),
+        relay.name_any()
+    );
     let delay = ctx.backoff.next(&key);
     warn!(error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
@@ -121,38 +128,71 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
     let name = relay.name_any();
     let sdb_name = &relay.spec.database_ref.name;
     let sdbs: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
-    let sdb = sdbs
-        .get_opt(sdb_name)
-        .await
-        .map_err(|source| Error::Read { what: format!("ServiceDatabase {sdb_name}"), source })?;
+    let sdb = sdbs.get_opt(sdb_name).await.map_err(|source| Error::Read {
+        what: format!("ServiceDatabase {sdb_name}"),
+        source,
+    })?;
     let waiting = |reason: &'static str, message: String| async move {
-        ctx.event(relay, EventType::Warning, reason, "Resolve", message.clone()).await;
-        write_status(ctx, relay, None, vec![
-            Desired::fail("Ready", reason, message.clone()),
-            Desired::fail("DatabaseReady", reason, message),
-        ])
+        ctx.event(
+            relay,
+            EventType::Warning,
+            reason,
+            "Resolve",
+            message.clone(),
+        )
+        .await;
+        write_status(
+            ctx,
+            relay,
+            None,
+            vec![
+                Desired::fail("Ready", reason, message.clone()),
+                Desired::fail("DatabaseReady", reason, message),
+            ],
+        )
         .await?;
         // The ServiceDatabase watch wakes this relay when the database changes; the requeue is
         // only a safety net.
         Ok::<_, Error>(Action::requeue(Duration::from_secs(60)))
     };
     let Some(sdb) = sdb.filter(|s| s.meta().deletion_timestamp.is_none()) else {
-        return waiting("DatabaseNotFound", format!("waiting for ServiceDatabase {sdb_name} in namespace {ns}")).await;
+        return waiting(
+            "DatabaseNotFound",
+            format!("waiting for ServiceDatabase {sdb_name} in namespace {ns}"),
+        )
+        .await;
     };
     let Some(outbox) = sdb.spec.enabled_outbox() else {
-        return waiting("OutboxDisabled", format!("ServiceDatabase {sdb_name} does not have the outbox enabled")).await;
+        return waiting(
+            "OutboxDisabled",
+            format!("ServiceDatabase {sdb_name} does not have the outbox enabled"),
+        )
+        .await;
     };
     let relay_secret = DatabaseNames::new(sdb_name).relay_secret();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(secret) = secrets
         .get_opt(&relay_secret)
         .await
-        .map_err(|source| Error::Read { what: format!("Secret {relay_secret}"), source })?
+        .map_err(|source| Error::Read {
+            what: format!("Secret {relay_secret}"),
+            source,
+        })?
     else {
-        return waiting("CredentialsNotReady", format!("waiting for Secret {relay_secret} of ServiceDatabase {sdb_name}")).await;
+        return waiting(
+            "CredentialsNotReady",
+            format!("waiting for Secret {relay_secret} of ServiceDatabase {sdb_name}"),
+        )
+        .await;
     };
 
-    let config = relay::relay_config(&relay.spec, &ns, &name, &sdb.spec.database_name(), &outbox.table);
+    let config = relay::relay_config(
+        &relay.spec,
+        &ns,
+        &name,
+        &sdb.spec.database_name(),
+        &outbox.table,
+    );
     let config_yaml = serde_yaml::to_string(&config).map_err(Error::Render)?;
     let params = RelayParams {
         name: &name,
@@ -175,30 +215,72 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         changed.push("Deployment");
     }
     if !changed.is_empty() {
-        ctx.event(relay, EventType::Normal, "Applied", "Apply", format!("applied {}", changed.join(", "))).await;
+        ctx.event(
+            relay,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            format!("applied {}", changed.join(", ")),
+        )
+        .await;
     }
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let deployment = deployments
         .get_opt(&RelayNames::new(&name).deployment())
         .await
-        .map_err(|source| Error::Read { what: "relay Deployment".to_owned(), source })?;
-    let ready_replicas = deployment.as_ref().and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
-    let available = deployment.as_ref().and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas).unwrap_or(0) > 0;
-    let db_ready = sdb.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
+        .map_err(|source| Error::Read {
+            what: "relay Deployment".to_owned(),
+            source,
+        })?;
+    let ready_replicas = deployment
+        .as_ref()
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let available = deployment
+        .as_ref()
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0)
+        > 0;
+    let db_ready = sdb
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
     let mut conds = Vec::new();
     conds.push(match (db_ready, available) {
-        (true, true) => Desired::ok("Ready", "Publishing", "the relay is available and its database is ready"),
-        (false, _) => Desired::fail("Ready", "DatabaseNotReady", format!("ServiceDatabase {sdb_name} is not Ready")),
+        (true, true) => Desired::ok(
+            "Ready",
+            "Publishing",
+            "the relay is available and its database is ready",
+        ),
+        (false, _) => Desired::fail(
+            "Ready",
+            "DatabaseNotReady",
+            format!("ServiceDatabase {sdb_name} is not Ready"),
+        ),
         (true, false) => Desired::fail("Ready", "RelayUnavailable", "no relay pod is ready"),
     });
     conds.push(if db_ready {
-        Desired::ok("DatabaseReady", "Ready", format!("ServiceDatabase {sdb_name} is Ready"))
+        Desired::ok(
+            "DatabaseReady",
+            "Ready",
+            format!("ServiceDatabase {sdb_name} is Ready"),
+        )
     } else {
-        Desired::fail("DatabaseReady", "DatabaseNotReady", format!("ServiceDatabase {sdb_name} is not Ready"))
+        Desired::fail(
+            "DatabaseReady",
+            "DatabaseNotReady",
+            format!("ServiceDatabase {sdb_name} is not Ready"),
+        )
     });
     conds.push(if available {
-        Desired::ok("Available", "MinimumReplicasAvailable", format!("{ready_replicas} relay pod(s) ready; one publishes"))
+        Desired::ok(
+            "Available",
+            "MinimumReplicasAvailable",
+            format!("{ready_replicas} relay pod(s) ready; one publishes"),
+        )
     } else {
         Desired::fail("Available", "NoReadyReplicas", "no relay pod is ready")
     });
@@ -209,7 +291,10 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
 }
 
 /// Checksum of the config file and the credentials: a change to either rolls the pods.
-fn checksum(config_yaml: &str, secret_data: Option<&BTreeMap<String, k8s_openapi::ByteString>>) -> String {
+fn checksum(
+    config_yaml: &str,
+    secret_data: Option<&BTreeMap<String, k8s_openapi::ByteString>>,
+) -> String {
     let mut h = Sha256::new();
     h.update(config_yaml.as_bytes());
     for (k, v) in secret_data.into_iter().flatten() {
@@ -221,15 +306,26 @@ fn checksum(config_yaml: &str, secret_data: Option<&BTreeMap<String, k8s_openapi
     format!("{:x}", h.finalize())
 }
 
-async fn write_status(ctx: &Context, relay: &OutboxRelay, ready_replicas: Option<i32>, desired: Vec<Desired>) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    relay: &OutboxRelay,
+    ready_replicas: Option<i32>,
+    desired: Vec<Desired>,
+) -> Result<(), Error> {
     let ns = relay.namespace().ok_or(Error::NoNamespace)?;
     let current = relay.status.clone().unwrap_or_default();
     let status = OutboxRelayStatus {
         observed_generation: relay.meta().generation,
         sink: Some(relay.spec.sink.kind().to_owned()),
         ready_replicas: ready_replicas.or(current.ready_replicas),
-        slot: (relay.spec.mode == RelayMode::Logical).then(|| relay::slot_name(&ns, &relay.name_any())),
-        conditions: conditions::merge(&current.conditions, &desired, relay.meta().generation, Timestamp::now()),
+        slot: (relay.spec.mode == RelayMode::Logical)
+            .then(|| relay::slot_name(&ns, &relay.name_any())),
+        conditions: conditions::merge(
+            &current.conditions,
+            &desired,
+            relay.meta().generation,
+            Timestamp::now(),
+        ),
     };
     if status == current {
         return Ok(());
@@ -238,7 +334,9 @@ async fn write_status(ctx: &Context, relay: &OutboxRelay, ready_replicas: Option
     api.patch_status(
         &relay.name_any(),
         &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(json!({"apiVersion": "servicedb.io/v1alpha1", "kind": "OutboxRelay", "status": status})),
+        &Patch::Apply(
+            json!({"apiVersion": "servicedb.io/v1alpha1", "kind": "OutboxRelay", "status": status}),
+        ),
     )
     .await
     .map_err(Error::Status)?;
@@ -253,33 +351,85 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
     let ns = relay.namespace().ok_or(Error::NoNamespace)?;
     let name = relay.name_any();
     let slot = relay::slot_name(&ns, &name);
-    if relay.annotations().get(SKIP_CLEANUP_ANNOTATION).is_some_and(|v| v == "true") {
-        ctx.event(relay, EventType::Warning, "CleanupSkipped", "DropSlot", format!("{SKIP_CLEANUP_ANNOTATION} is set: replication slot {slot} is left in place")).await;
+    if relay
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        ctx.event(
+            relay,
+            EventType::Warning,
+            "CleanupSkipped",
+            "DropSlot",
+            format!("{SKIP_CLEANUP_ANNOTATION} is set: replication slot {slot} is left in place"),
+        )
+        .await;
         return Ok(Action::await_change());
     }
     let sdbs: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
     let sdb_name = &relay.spec.database_ref.name;
-    let Some(sdb) = sdbs.get_opt(sdb_name).await.map_err(|source| Error::Read { what: format!("ServiceDatabase {sdb_name}"), source })? else {
-        ctx.event(relay, EventType::Warning, "SlotNotDropped", "DropSlot", format!("ServiceDatabase {sdb_name} is gone: cannot reach the server to drop slot {slot}")).await;
+    let Some(sdb) = sdbs.get_opt(sdb_name).await.map_err(|source| Error::Read {
+        what: format!("ServiceDatabase {sdb_name}"),
+        source,
+    })?
+    else {
+        ctx.event(
+            relay,
+            EventType::Warning,
+            "SlotNotDropped",
+            "DropSlot",
+            format!(
+                "ServiceDatabase {sdb_name} is gone: cannot reach the server to drop slot {slot}"
+            ),
+        )
+        .await;
         return Ok(Action::await_change());
     };
     let key = format!("obr/{ns}/{name}");
     match admin_connection(ctx, &sdb).await.map_err(Box::new)? {
-        Ok(admin) => match crate::postgres::slots::drop_slot(&admin.with_dbname(sdb.spec.database_name()), &slot).await {
+        Ok(admin) => match crate::postgres::slots::drop_slot(
+            &admin.with_dbname(sdb.spec.database_name()),
+            &slot,
+        )
+        .await
+        {
             Ok(dropped) => {
                 if dropped {
-                    ctx.event(relay, EventType::Normal, "SlotDropped", "DropSlot", format!("dropped replication slot {slot}")).await;
+                    ctx.event(
+                        relay,
+                        EventType::Normal,
+                        "SlotDropped",
+                        "DropSlot",
+                        format!("dropped replication slot {slot}"),
+                    )
+                    .await;
                 }
                 ctx.backoff.reset(&key);
                 Ok(Action::await_change())
             }
             Err(source) => {
-                ctx.event(relay, EventType::Warning, "DropSlotFailed", "DropSlot", format!("{source}; retrying. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go")).await;
+                ctx.event(
+                    relay,
+                    EventType::Warning,
+                    "DropSlotFailed",
+                    "DropSlot",
+                    format!(
+                        "{source}; retrying. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go"
+                    ),
+                )
+                .await;
                 Err(Error::DropSlot { slot, source })
             }
         },
         Err(message) => {
-            ctx.event(relay, EventType::Warning, "SlotNotDropped", "DropSlot", format!("{message}: slot {slot} left in place")).await;
+            ctx.event(
+                relay,
+                EventType::Warning,
+                "SlotNotDropped",
+                "DropSlot",
+                format!("{message}: slot {slot} left in place"),
+            )
+            .await;
             Ok(Action::await_change())
         }
     }

@@ -21,22 +21,23 @@ use tracing::{info, instrument, warn};
 use super::Context;
 use super::apply::{ApplyError, Outcome, apply, delete_if_exists};
 use super::conditions::{self, Desired};
+use crate::api::OutboxRelay;
 use crate::api::outbox_relay::RelayMode;
 use crate::api::service_database::{
-    DeletionPolicy, Endpoint, ExternalInstance, Phase, SecretNames, ServiceDatabase, ServiceDatabaseStatus,
+    DeletionPolicy, Endpoint, ExternalInstance, Phase, SecretNames, ServiceDatabase,
+    ServiceDatabaseStatus,
 };
-use crate::api::OutboxRelay;
-use crate::postgres::provision::CdcPlan;
 use crate::postgres::{
-    self, ConnectParams, DatabasePlan, Ident, Password, QualifiedName, RoleNames, RolePlan, SslMode as PgSslMode,
+    self, ConnectParams, DatabasePlan, Ident, Password, QualifiedName, RoleNames,
+    SslMode as PgSslMode,
 };
+use crate::specs::bootstrap;
 use crate::specs::credentials::{
-    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING, credential_secret, password_applied, secret_value,
-    stored_password,
+    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING, credential_secret,
+    password_applied, secret_value, stored_password,
 };
 use crate::specs::instance::{self, InstanceParams, POSTGRES_PORT};
 use crate::specs::labels::{DatabaseNames, controller_ref};
-use crate::specs::bootstrap;
 
 /// Finalizer guarding cleanup outside the cluster (external databases) and Secret retention.
 pub const FINALIZER: &str = "servicedb.io/cleanup";
@@ -115,7 +116,11 @@ pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<A
 
 /// Transient errors retry with a per-object exponential backoff (capped at five minutes).
 pub fn error_policy(sdb: Arc<ServiceDatabase>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("sdb/{}/{}", sdb.namespace().unwrap_or_default(), sdb.name_any());
+    let key = format!(
+        "sdb/{}/{}",
+        sdb.namespace().unwrap_or_default(),
+        sdb.name_any()
+    );
     let delay = ctx.backoff.next(&key);
     warn!(error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
@@ -125,11 +130,16 @@ pub fn error_policy(sdb: Arc<ServiceDatabase>, err: &Error, ctx: Arc<Context>) -
 struct Desire {
     names: DatabaseNames,
     roles: RoleNames,
-    database: Ident,
-    outbox: Option<QualifiedName>,
-    cdc_tables: Vec<QualifiedName>,
-    extensions: Vec<Ident>,
+    /// The plan without passwords; [`plan_for`] adds the ones to set.
+    plan: DatabasePlan,
+    /// A Logical relay publishes this database: instance needs `wal_level=logical`.
     logical_relay: bool,
+}
+
+impl Desire {
+    fn outbox(&self) -> Option<&QualifiedName> {
+        self.plan.outbox.as_ref()
+    }
 }
 
 /// A spec the apiserver accepted but the controller cannot act on.
@@ -140,34 +150,22 @@ struct Invalid {
 }
 
 fn desire(sdb: &ServiceDatabase, relays: &[OutboxRelay]) -> Result<Desire, Invalid> {
-    let invalid = |reason, message: String| Invalid { reason, message };
-    let roles = RoleNames::for_service(&sdb.spec.owner.service)
-        .map_err(|e| invalid("InvalidOwnerService", e.to_string()))?;
-    let database = Ident::new(sdb.spec.database_name()).map_err(|e| invalid("InvalidDatabaseName", e.to_string()))?;
-    let outbox = sdb
-        .spec
-        .enabled_outbox()
-        .map(|o| QualifiedName::parse(&o.table))
-        .transpose()
-        .map_err(|e| invalid("InvalidOutboxTable", e.to_string()))?;
-    let cdc_tables = sdb
-        .spec
-        .cdc
-        .iter()
-        .flat_map(|c| c.tables.iter())
-        .map(|t| QualifiedName::parse(&t.0))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("InvalidCdcTable", e.to_string()))?;
-    let extensions = sdb
-        .spec
-        .database
-        .extensions
-        .iter()
-        .map(|e| Ident::new(e.0.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("InvalidExtension", e.to_string()))?;
     let logical_relay = relays.iter().any(|r| r.spec.mode == RelayMode::Logical);
-    Ok(Desire { names: DatabaseNames::new(&sdb.name_any()), roles, database, outbox, cdc_tables, extensions, logical_relay })
+    let roles = RoleNames::for_service(&sdb.spec.owner.service).map_err(|e| Invalid {
+        reason: "InvalidOwnerService",
+        message: e.to_string(),
+    })?;
+    // The schema already enforces identifier patterns; this is the second line of defence.
+    let plan = DatabasePlan::for_spec(&sdb.spec, logical_relay).map_err(|e| Invalid {
+        reason: "InvalidIdentifier",
+        message: e.to_string(),
+    })?;
+    Ok(Desire {
+        names: DatabaseNames::new(&sdb.name_any()),
+        roles,
+        plan,
+        logical_relay,
+    })
 }
 
 /// Relays in the namespace that publish this database's outbox.
@@ -176,8 +174,15 @@ async fn relays_of(ctx: &Context, ns: &str, name: &str) -> Result<Vec<OutboxRela
     let list = api
         .list(&ListParams::default())
         .await
-        .map_err(|source| Error::Read { what: "OutboxRelays".to_owned(), source })?;
-    Ok(list.items.into_iter().filter(|r| r.spec.database_ref.name == name && r.meta().deletion_timestamp.is_none()).collect())
+        .map_err(|source| Error::Read {
+            what: "OutboxRelays".to_owned(),
+            source,
+        })?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|r| r.spec.database_ref.name == name && r.meta().deletion_timestamp.is_none())
+        .collect())
 }
 
 /// One role's credentials as found or generated in this reconcile.
@@ -203,27 +208,35 @@ async fn load_credentials(
     let existing = secrets
         .get_opt(&secret_name)
         .await
-        .map_err(|source| Error::Read { what: format!("Secret {secret_name}"), source })?;
-    Ok(match existing.as_ref().and_then(|s| stored_password(s).map(|p| (p, s))) {
-        Some((password, secret)) => RoleCredentials {
-            secret_name,
-            purpose,
-            role,
-            password: Password::from_plaintext(password),
-            applied: password_applied(secret),
-            bootstrap: credentials::password_state(secret) == Some(PASSWORD_BOOTSTRAP),
-            generated: false,
+        .map_err(|source| Error::Read {
+            what: format!("Secret {secret_name}"),
+            source,
+        })?;
+    Ok(
+        match existing
+            .as_ref()
+            .and_then(|s| stored_password(s).map(|p| (p, s)))
+        {
+            Some((password, secret)) => RoleCredentials {
+                secret_name,
+                purpose,
+                role,
+                password: Password::from_plaintext(password),
+                applied: password_applied(secret),
+                bootstrap: credentials::password_state(secret) == Some(PASSWORD_BOOTSTRAP),
+                generated: false,
+            },
+            None => RoleCredentials {
+                secret_name,
+                purpose,
+                role,
+                password: Password::generate(),
+                applied: false,
+                bootstrap: false,
+                generated: true,
+            },
         },
-        None => RoleCredentials {
-            secret_name,
-            purpose,
-            role,
-            password: Password::generate(),
-            applied: false,
-            bootstrap: false,
-            generated: true,
-        },
-    })
+    )
 }
 
 /// Where the operator and applications reach the database.
@@ -244,8 +257,23 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
     let desire = match desire(sdb, &relays) {
         Ok(d) => d,
         Err(invalid) => {
-            ctx.event(sdb, EventType::Warning, invalid.reason, "Validate", invalid.message.clone()).await;
-            write_status(ctx, sdb, Phase::Pending, None, None, vec![Desired::fail("Ready", invalid.reason, invalid.message)]).await?;
+            ctx.event(
+                sdb,
+                EventType::Warning,
+                invalid.reason,
+                "Validate",
+                invalid.message.clone(),
+            )
+            .await;
+            write_status(
+                ctx,
+                sdb,
+                Phase::Pending,
+                None,
+                None,
+                vec![Desired::fail("Ready", invalid.reason, invalid.message)],
+            )
+            .await?;
             // An invalid spec waits for the next edit.
             return Ok(Action::await_change());
         }
@@ -254,138 +282,228 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
     let owner = controller_ref(sdb);
 
     // Credentials first: found in their Secrets or generated now, never regenerated.
-    let mut creds = vec![load_credentials(&secrets, desire.names.app_secret(), "app", desire.roles.app.clone()).await?];
-    if desire.outbox.is_some() {
-        creds.push(load_credentials(&secrets, desire.names.relay_secret(), "relay", desire.roles.relay.clone()).await?);
+    let mut creds = vec![
+        load_credentials(
+            &secrets,
+            desire.names.app_secret(),
+            "app",
+            desire.roles.app.clone(),
+        )
+        .await?,
+    ];
+    if desire.outbox().is_some() {
+        creds.push(
+            load_credentials(
+                &secrets,
+                desire.names.relay_secret(),
+                "relay",
+                desire.roles.relay.clone(),
+            )
+            .await?,
+        );
     }
     if sdb.spec.cdc.is_some() {
-        creds.push(load_credentials(&secrets, desire.names.cdc_secret(), "cdc", desire.roles.cdc.clone()).await?);
+        creds.push(
+            load_credentials(
+                &secrets,
+                desire.names.cdc_secret(),
+                "cdc",
+                desire.roles.cdc.clone(),
+            )
+            .await?,
+        );
     }
 
     // The instance and where to reach it.
-    let (target, instance_ready, instance_text) = match (&sdb.spec.instance.managed, &sdb.spec.instance.external) {
-        (Some(managed), _) => {
-            let superuser = load_credentials(&secrets, desire.names.superuser_secret(), "superuser", desire.roles.app.clone()).await?;
-            if superuser.generated {
-                // First creation: every password goes into the bootstrap SQL.
-                for c in creds.iter_mut().filter(|c| !c.applied) {
-                    c.bootstrap = true;
+    let (target, instance_ready, instance_text) =
+        match (&sdb.spec.instance.managed, &sdb.spec.instance.external) {
+            (Some(managed), _) => {
+                let superuser = load_credentials(
+                    &secrets,
+                    desire.names.superuser_secret(),
+                    "superuser",
+                    desire.roles.app.clone(),
+                )
+                .await?;
+                if superuser.generated {
+                    // First creation: every password goes into the bootstrap SQL.
+                    for c in creds.iter_mut().filter(|c| !c.applied) {
+                        c.bootstrap = true;
+                    }
                 }
-            }
-            let host = format!("{}.{ns}.svc", desire.names.instance());
-            let endpoint = Endpoint { host: host.clone(), port: POSTGRES_PORT };
-            let plan = plan_for(&desire, sdb, &creds, true);
-            // The bootstrap SQL is written once, with the first Secret: it only ever runs on an
-            // empty data directory, and rewriting it would change the Secret on every resync.
-            let bootstrap_sql = match superuser.generated {
-                true => bootstrap::bootstrap_sql(&plan),
-                false => secrets
-                    .get_opt(&desire.names.superuser_secret())
-                    .await
-                    .map_err(|source| Error::Read { what: "superuser Secret".to_owned(), source })?
-                    .and_then(|s| secret_value(&s, instance::BOOTSTRAP_KEY))
-                    .unwrap_or_default(),
-            };
-            let mut su_secret = credential_secret(
-                &superuser.secret_name,
-                &ns,
-                &name,
-                "superuser",
-                owner.clone(),
-                &Credentials {
+                let host = format!("{}.{ns}.svc", desire.names.instance());
+                let endpoint = Endpoint {
                     host: host.clone(),
                     port: POSTGRES_PORT,
-                    database: "postgres".to_owned(),
-                    username: "postgres".to_owned(),
-                    password: superuser.password.expose().to_owned(),
-                    ssl_mode: "prefer".to_owned(),
-                },
-                PASSWORD_APPLIED,
-            );
-            su_secret
-                .data
-                .get_or_insert_with(BTreeMap::new)
-                .insert(instance::BOOTSTRAP_KEY.to_owned(), k8s_openapi::ByteString(bootstrap_sql.into_bytes()));
-            apply(&ctx.client, &ns, su_secret).await?;
+                };
+                let plan = plan_for(&desire, &creds, true);
+                // The bootstrap SQL is written once, with the first Secret: it only ever runs on an
+                // empty data directory, and rewriting it would change the Secret on every resync.
+                let bootstrap_sql = match superuser.generated {
+                    true => bootstrap::bootstrap_sql(&plan),
+                    false => secrets
+                        .get_opt(&desire.names.superuser_secret())
+                        .await
+                        .map_err(|source| Error::Read {
+                            what: "superuser Secret".to_owned(),
+                            source,
+                        })?
+                        .and_then(|s| secret_value(&s, instance::BOOTSTRAP_KEY))
+                        .unwrap_or_default(),
+                };
+                let mut su_secret = credential_secret(
+                    &superuser.secret_name,
+                    &ns,
+                    &name,
+                    "superuser",
+                    owner.clone(),
+                    &Credentials {
+                        host: host.clone(),
+                        port: POSTGRES_PORT,
+                        database: "postgres".to_owned(),
+                        username: "postgres".to_owned(),
+                        password: superuser.password.expose().to_owned(),
+                        ssl_mode: "prefer".to_owned(),
+                    },
+                    PASSWORD_APPLIED,
+                );
+                su_secret.data.get_or_insert_with(BTreeMap::new).insert(
+                    instance::BOOTSTRAP_KEY.to_owned(),
+                    k8s_openapi::ByteString(bootstrap_sql.into_bytes()),
+                );
+                apply(&ctx.client, &ns, su_secret).await?;
 
-            let owner_pods = sdb
-                .spec
-                .owner
-                .pod_selector
-                .clone()
-                .unwrap_or_else(|| instance::default_owner_selector(&sdb.spec.owner.service));
-            let mut params = InstanceParams {
-                name: &name,
-                namespace: &ns,
-                owner: owner.clone(),
-                managed,
-                deletion_policy: sdb.spec.deletion_policy,
-                logical_decoding: desire.logical_relay || sdb.spec.cdc.is_some(),
-                owner_pods,
-                operator_namespace: ctx.settings.operator_namespace.as_deref(),
-                config_checksum: String::new(),
-            };
-            let config_map = instance::config_map(&params);
-            params.config_checksum = super::apply::desired_hash(&(&config_map.data, instance::server_settings(&params)))
+                let owner_pods =
+                    sdb.spec.owner.pod_selector.clone().unwrap_or_else(|| {
+                        instance::default_owner_selector(&sdb.spec.owner.service)
+                    });
+                let mut params = InstanceParams {
+                    name: &name,
+                    namespace: &ns,
+                    owner: owner.clone(),
+                    managed,
+                    deletion_policy: sdb.spec.deletion_policy,
+                    logical_decoding: desire.logical_relay || sdb.spec.cdc.is_some(),
+                    owner_pods,
+                    operator_namespace: ctx.settings.operator_namespace.as_deref(),
+                    config_checksum: String::new(),
+                };
+                let config_map = instance::config_map(&params);
+                params.config_checksum = super::apply::desired_hash(&(
+                    &config_map.data,
+                    instance::server_settings(&params),
+                ))
                 .unwrap_or_default();
-            let mut changed = Vec::new();
-            if apply(&ctx.client, &ns, config_map).await? == Outcome::Applied {
-                changed.push("ConfigMap");
+                let mut changed = Vec::new();
+                if apply(&ctx.client, &ns, config_map).await? == Outcome::Applied {
+                    changed.push("ConfigMap");
+                }
+                if apply(&ctx.client, &ns, instance::headless_service(&params)).await?
+                    == Outcome::Applied
+                {
+                    changed.push("headless Service");
+                }
+                if apply(&ctx.client, &ns, instance::service(&params)).await? == Outcome::Applied {
+                    changed.push("Service");
+                }
+                if apply(&ctx.client, &ns, instance::network_policy(&params)).await?
+                    == Outcome::Applied
+                {
+                    changed.push("NetworkPolicy");
+                }
+                if apply(&ctx.client, &ns, instance::stateful_set(&params)).await?
+                    == Outcome::Applied
+                {
+                    changed.push("StatefulSet");
+                }
+                if !changed.is_empty() {
+                    ctx.event(
+                        sdb,
+                        EventType::Normal,
+                        "InstanceApplied",
+                        "Apply",
+                        format!("applied {}", changed.join(", ")),
+                    )
+                    .await;
+                }
+                let ready = instance_pod_ready(ctx, &ns, &name).await?;
+                let admin = ConnectParams {
+                    connect_timeout: ctx.settings.connect_timeout,
+                    ..ConnectParams::new(
+                        host,
+                        POSTGRES_PORT as u16,
+                        "postgres",
+                        superuser.password.clone(),
+                        "postgres",
+                    )
+                };
+                // A Ready instance ran its bootstrap, so it holds every password that was in it.
+                if ready {
+                    for c in creds.iter_mut().filter(|c| c.bootstrap) {
+                        c.applied = true;
+                    }
+                }
+                let text = format!("managed, Postgres {}", managed.version);
+                (
+                    Target {
+                        endpoint,
+                        app_ssl_mode: "prefer".to_owned(),
+                        admin: Some(admin),
+                    },
+                    ready,
+                    text,
+                )
             }
-            if apply(&ctx.client, &ns, instance::headless_service(&params)).await? == Outcome::Applied {
-                changed.push("headless Service");
-            }
-            if apply(&ctx.client, &ns, instance::service(&params)).await? == Outcome::Applied {
-                changed.push("Service");
-            }
-            if apply(&ctx.client, &ns, instance::network_policy(&params)).await? == Outcome::Applied {
-                changed.push("NetworkPolicy");
-            }
-            if apply(&ctx.client, &ns, instance::stateful_set(&params)).await? == Outcome::Applied {
-                changed.push("StatefulSet");
-            }
-            if !changed.is_empty() {
-                ctx.event(sdb, EventType::Normal, "InstanceApplied", "Apply", format!("applied {}", changed.join(", "))).await;
-            }
-            let ready = instance_pod_ready(ctx, &ns, &name).await?;
-            let admin = ConnectParams {
-                connect_timeout: ctx.settings.connect_timeout,
-                ..ConnectParams::new(host, POSTGRES_PORT as u16, "postgres", superuser.password.clone(), "postgres")
-            };
-            // A Ready instance ran its bootstrap, so it holds every password that was in it.
-            if ready {
-                for c in creds.iter_mut().filter(|c| c.bootstrap) {
-                    c.applied = true;
+            (None, Some(external)) => {
+                let admin = external_admin(ctx, &secrets, external).await?;
+                let endpoint = Endpoint {
+                    host: external.host.clone(),
+                    port: external.port,
+                };
+                let text = format!("external, {}:{}", external.host, external.port);
+                match admin {
+                    Ok(admin) => {
+                        let ssl = external.ssl_mode.as_libpq().to_owned();
+                        (
+                            Target {
+                                endpoint,
+                                app_ssl_mode: ssl,
+                                admin: Some(admin),
+                            },
+                            true,
+                            text,
+                        )
+                    }
+                    Err(message) => {
+                        ctx.event(
+                            sdb,
+                            EventType::Warning,
+                            "AdminSecretMissing",
+                            "Connect",
+                            message.clone(),
+                        )
+                        .await;
+                        write_status(
+                            ctx,
+                            sdb,
+                            Phase::Pending,
+                            Some(text),
+                            Some(endpoint),
+                            vec![
+                                Desired::fail("Ready", "AdminSecretMissing", message.clone()),
+                                Desired::fail("InstanceReady", "AdminSecretMissing", message),
+                            ],
+                        )
+                        .await?;
+                        return Ok(Action::requeue(Duration::from_secs(30)));
+                    }
                 }
             }
-            let text = format!("managed, Postgres {}", managed.version);
-            (Target { endpoint, app_ssl_mode: "prefer".to_owned(), admin: Some(admin) }, ready, text)
-        }
-        (None, Some(external)) => {
-            let admin = external_admin(ctx, &secrets, external).await?;
-            let endpoint = Endpoint { host: external.host.clone(), port: external.port };
-            let text = format!("external, {}:{}", external.host, external.port);
-            match admin {
-                Ok(admin) => {
-                    let ssl = external.ssl_mode.as_libpq().to_owned();
-                    (Target { endpoint, app_ssl_mode: ssl, admin: Some(admin) }, true, text)
-                }
-                Err(message) => {
-                    ctx.event(sdb, EventType::Warning, "AdminSecretMissing", "Connect", message.clone()).await;
-                    write_status(ctx, sdb, Phase::Pending, Some(text), Some(endpoint), vec![
-                        Desired::fail("Ready", "AdminSecretMissing", message.clone()),
-                        Desired::fail("InstanceReady", "AdminSecretMissing", message),
-                    ])
-                    .await?;
-                    return Ok(Action::requeue(Duration::from_secs(30)));
-                }
-            }
-        }
-        (None, None) => return Ok(Action::await_change()),
-    };
+            (None, None) => return Ok(Action::await_change()),
+        };
 
     // Credential Secrets, written before any role gets a new password.
-    let database = desire.database.as_str().to_owned();
+    let database = desire.plan.database.as_str().to_owned();
     for c in &creds {
         let state = match (c.applied, c.bootstrap) {
             (true, _) => PASSWORD_APPLIED,
@@ -396,11 +514,32 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         apply(&ctx.client, &ns, secret).await?;
     }
     // Secrets no longer wanted (outbox disabled, cdc removed).
-    if desire.outbox.is_none() && delete_if_exists::<Secret>(&ctx.client, &ns, &desire.names.relay_secret()).await? {
-        ctx.event(sdb, EventType::Normal, "SecretDeleted", "Delete", format!("deleted Secret {} (outbox disabled)", desire.names.relay_secret())).await;
+    if desire.outbox().is_none()
+        && delete_if_exists::<Secret>(&ctx.client, &ns, &desire.names.relay_secret()).await?
+    {
+        ctx.event(
+            sdb,
+            EventType::Normal,
+            "SecretDeleted",
+            "Delete",
+            format!(
+                "deleted Secret {} (outbox disabled)",
+                desire.names.relay_secret()
+            ),
+        )
+        .await;
     }
-    if sdb.spec.cdc.is_none() && delete_if_exists::<Secret>(&ctx.client, &ns, &desire.names.cdc_secret()).await? {
-        ctx.event(sdb, EventType::Normal, "SecretDeleted", "Delete", format!("deleted Secret {} (cdc removed)", desire.names.cdc_secret())).await;
+    if sdb.spec.cdc.is_none()
+        && delete_if_exists::<Secret>(&ctx.client, &ns, &desire.names.cdc_secret()).await?
+    {
+        ctx.event(
+            sdb,
+            EventType::Normal,
+            "SecretDeleted",
+            "Delete",
+            format!("deleted Secret {} (cdc removed)", desire.names.cdc_secret()),
+        )
+        .await;
     }
 
     let mut conds = Vec::new();
@@ -408,27 +547,55 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         let msg = "waiting for the instance pod to be Ready".to_owned();
         conds.push(Desired::fail("Ready", "InstanceNotReady", msg.clone()));
         conds.push(Desired::fail("InstanceReady", "PodNotReady", msg));
-        write_status(ctx, sdb, Phase::Provisioning, Some(instance_text), Some(target.endpoint.clone()), conds).await?;
+        write_status(
+            ctx,
+            sdb,
+            Phase::Provisioning,
+            Some(instance_text),
+            Some(target.endpoint.clone()),
+            conds,
+        )
+        .await?;
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
     // Provision in the database: idempotent; skipped for a bootstrapped managed instance with
     // nothing pending (its first start ran the same plan).
     let pending = creds.iter().any(|c| !c.applied);
-    let needs_sql = sdb.spec.instance.external.is_some() || pending || sdb.status.as_ref().and_then(|s| s.observed_generation) != sdb.meta().generation;
+    let needs_sql = sdb.spec.instance.external.is_some()
+        || pending
+        || sdb.status.as_ref().and_then(|s| s.observed_generation) != sdb.meta().generation;
     let mut missing_cdc = Vec::new();
     if needs_sql && let Some(admin) = &target.admin {
-        let plan = plan_for(&desire, sdb, &creds, false);
+        let plan = plan_for(&desire, &creds, false);
         match postgres::provision::provision(admin, &plan).await {
             Ok(report) => {
                 ctx.backoff.reset(&key);
                 if report.changed() {
-                    ctx.event(sdb, EventType::Normal, "Provisioned", "Provision", report.changes.join("; ")).await;
+                    ctx.event(
+                        sdb,
+                        EventType::Normal,
+                        "Provisioned",
+                        "Provision",
+                        report.changes.join("; "),
+                    )
+                    .await;
                 }
                 for w in &report.warnings {
-                    ctx.event(sdb, EventType::Warning, "ProvisionWarning", "Provision", w.clone()).await;
+                    ctx.event(
+                        sdb,
+                        EventType::Warning,
+                        "ProvisionWarning",
+                        "Provision",
+                        w.clone(),
+                    )
+                    .await;
                 }
-                missing_cdc = report.missing_cdc_tables.iter().map(|t| t.to_string()).collect();
+                missing_cdc = report
+                    .missing_cdc_tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
                 for c in creds.iter_mut().filter(|c| !c.applied) {
                     if !c.generated {
                         // The Secret held a password the role did not have yet (an interrupted
@@ -444,47 +611,103 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                         .await;
                     }
                     c.applied = true;
-                    let secret = role_secret(&ns, &name, owner.clone(), &target, &database, c, PASSWORD_APPLIED);
+                    let secret = role_secret(
+                        &ns,
+                        &name,
+                        owner.clone(),
+                        &target,
+                        &database,
+                        c,
+                        PASSWORD_APPLIED,
+                    );
                     apply(&ctx.client, &ns, secret).await?;
                 }
             }
             Err(e) => {
                 let reason = e.category();
                 let message = e.to_string();
-                ctx.event(sdb, EventType::Warning, reason, "Provision", message.clone()).await;
+                ctx.event(
+                    sdb,
+                    EventType::Warning,
+                    reason,
+                    "Provision",
+                    message.clone(),
+                )
+                .await;
                 let phase = Phase::Degraded;
-                write_status(ctx, sdb, phase, Some(instance_text), Some(target.endpoint.clone()), vec![
-                    Desired::fail("Ready", reason, message.clone()),
-                    Desired::ok("InstanceReady", "Ready", "the instance is ready"),
-                    Desired::fail("DatabaseReady", reason, message),
-                ])
+                write_status(
+                    ctx,
+                    sdb,
+                    phase,
+                    Some(instance_text),
+                    Some(target.endpoint.clone()),
+                    vec![
+                        Desired::fail("Ready", reason, message.clone()),
+                        Desired::ok("InstanceReady", "Ready", "the instance is ready"),
+                        Desired::fail("DatabaseReady", reason, message),
+                    ],
+                )
                 .await?;
                 return Ok(Action::requeue(ctx.backoff.next(&key)));
             }
         }
     }
 
-    conds.push(Desired::ok("Ready", "Provisioned", "the database, roles and credentials are in place"));
-    conds.push(Desired::ok("InstanceReady", "Ready", "the instance is ready"));
-    conds.push(Desired::ok("DatabaseReady", "Provisioned", format!("database {database} and its roles exist")));
-    if let Some(outbox) = &desire.outbox {
-        conds.push(Desired::ok("OutboxReady", "Provisioned", format!("outbox table {outbox} exists")));
+    conds.push(Desired::ok(
+        "Ready",
+        "Provisioned",
+        "the database, roles and credentials are in place",
+    ));
+    conds.push(Desired::ok(
+        "InstanceReady",
+        "Ready",
+        "the instance is ready",
+    ));
+    conds.push(Desired::ok(
+        "DatabaseReady",
+        "Provisioned",
+        format!("database {database} and its roles exist"),
+    ));
+    if let Some(outbox) = desire.outbox() {
+        conds.push(Desired::ok(
+            "OutboxReady",
+            "Provisioned",
+            format!("outbox table {outbox} exists"),
+        ));
     }
     if sdb.spec.cdc.is_some() {
         if missing_cdc.is_empty() {
-            conds.push(Desired::ok("CdcReady", "Provisioned", "the cdc role and publication cover every table"));
+            conds.push(Desired::ok(
+                "CdcReady",
+                "Provisioned",
+                "the cdc role and publication cover every table",
+            ));
         } else {
-            conds.push(Desired::fail("CdcReady", "TablesMissing", format!("tables not found yet: {}", missing_cdc.join(", "))));
+            conds.push(Desired::fail(
+                "CdcReady",
+                "TablesMissing",
+                format!("tables not found yet: {}", missing_cdc.join(", ")),
+            ));
         }
     }
-    write_status(ctx, sdb, Phase::Ready, Some(instance_text), Some(target.endpoint), conds).await?;
+    write_status(
+        ctx,
+        sdb,
+        Phase::Ready,
+        Some(instance_text),
+        Some(target.endpoint),
+        conds,
+    )
+    .await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
 /// Whether status already listed the Secret of `purpose`: a missing Secret then means a person
 /// deleted it (as opposed to first creation).
 fn was_recorded(sdb: &ServiceDatabase, purpose: &str) -> bool {
-    let Some(secrets) = sdb.status.as_ref().and_then(|s| s.secrets.as_ref()) else { return false };
+    let Some(secrets) = sdb.status.as_ref().and_then(|s| s.secrets.as_ref()) else {
+        return false;
+    };
     match purpose {
         "app" => secrets.app.is_some(),
         "relay" => secrets.relay.is_some(),
@@ -522,25 +745,21 @@ fn role_secret(
 
 /// The database plan: passwords are set for roles whose Secret is not `applied` (or, for a
 /// bootstrap, for every role).
-fn plan_for(desire: &Desire, sdb: &ServiceDatabase, creds: &[RoleCredentials], bootstrap: bool) -> DatabasePlan {
-    let role_plan = |purpose: &str, replication: bool| {
-        creds.iter().find(|c| c.purpose == purpose).map(|c| RolePlan {
-            name: c.role.clone(),
-            set_password: (bootstrap || !c.applied).then(|| c.password.clone()),
-            replication,
-        })
+fn plan_for(desire: &Desire, creds: &[RoleCredentials], bootstrap: bool) -> DatabasePlan {
+    let mut plan = desire.plan.clone();
+    let password = |purpose: &str| {
+        creds
+            .iter()
+            .find(|c| c.purpose == purpose)
+            .and_then(|c| (bootstrap || !c.applied).then(|| c.password.clone()))
     };
-    let mut plan = DatabasePlan::new(
-        desire.database.clone(),
-        role_plan("app", false).unwrap_or_else(|| RolePlan::new(desire.roles.app.clone())),
-    );
-    plan.relay = role_plan("relay", desire.logical_relay);
-    plan.cdc = role_plan("cdc", true).map(|role| CdcPlan { role, tables: desire.cdc_tables.clone() });
-    plan.extensions = desire.extensions.clone();
-    plan.outbox = desire.outbox.clone();
-    plan.outbox_publication = desire.logical_relay && desire.outbox.is_some();
-    plan.relay_row_locks = desire.outbox.is_some();
-    let _ = sdb;
+    plan.app.set_password = password("app");
+    if let Some(relay) = &mut plan.relay {
+        relay.set_password = password("relay");
+    }
+    if let Some(cdc) = &mut plan.cdc {
+        cdc.role.set_password = password("cdc");
+    }
     plan
 }
 
@@ -554,12 +773,20 @@ async fn external_admin(
     let Some(secret) = secrets
         .get_opt(secret_name)
         .await
-        .map_err(|source| Error::Read { what: format!("Secret {secret_name}"), source })?
+        .map_err(|source| Error::Read {
+            what: format!("Secret {secret_name}"),
+            source,
+        })?
     else {
         return Ok(Err(format!("admin Secret {secret_name} not found")));
     };
-    let (Some(user), Some(password)) = (secret_value(&secret, credentials::USERNAME_KEY), stored_password(&secret)) else {
-        return Ok(Err(format!("admin Secret {secret_name} needs the keys username and password")));
+    let (Some(user), Some(password)) = (
+        secret_value(&secret, credentials::USERNAME_KEY),
+        stored_password(&secret),
+    ) else {
+        return Ok(Err(format!(
+            "admin Secret {secret_name} needs the keys username and password"
+        )));
     };
     let ssl_mode = match external.ssl_mode {
         crate::api::service_database::SslMode::Disable => PgSslMode::Disable,
@@ -573,18 +800,30 @@ async fn external_admin(
         ssl_mode,
         ca_pem: secret_value(&secret, "ca.crt").map(String::into_bytes),
         connect_timeout: ctx.settings.connect_timeout,
-        ..ConnectParams::new(external.host.clone(), port, user, Password::from_plaintext(password), external.admin_database.clone())
+        ..ConnectParams::new(
+            external.host.clone(),
+            port,
+            user,
+            Password::from_plaintext(password),
+            external.admin_database.clone(),
+        )
     }))
 }
 
 /// Whether the managed instance's pod reports Ready.
 async fn instance_pod_ready(ctx: &Context, ns: &str, name: &str) -> Result<bool, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let selector = format!("app.kubernetes.io/name={},app.kubernetes.io/instance={name}", instance::POSTGRES_COMPONENT);
+    let selector = format!(
+        "app.kubernetes.io/name={},app.kubernetes.io/instance={name}",
+        instance::POSTGRES_COMPONENT
+    );
     let list = pods
         .list(&ListParams::default().labels(&selector))
         .await
-        .map_err(|source| Error::Read { what: "instance pods".to_owned(), source })?;
+        .map_err(|source| Error::Read {
+            what: "instance pods".to_owned(),
+            source,
+        })?;
     Ok(list.items.iter().any(|p| {
         p.status
             .as_ref()
@@ -617,7 +856,12 @@ async fn write_status(
             relay: outbox.then(|| names.relay_secret()),
             cdc: sdb.spec.cdc.as_ref().map(|_| names.cdc_secret()),
         }),
-        conditions: conditions::merge(&current.conditions, &desired, sdb.meta().generation, Timestamp::now()),
+        conditions: conditions::merge(
+            &current.conditions,
+            &desired,
+            sdb.meta().generation,
+            Timestamp::now(),
+        ),
     };
     if status == current {
         return Ok(());
@@ -646,43 +890,103 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
     let name = sdb.name_any();
     let names = DatabaseNames::new(&name);
     let key = format!("sdb/{ns}/{name}");
-    let skip = sdb.annotations().get(SKIP_CLEANUP_ANNOTATION).is_some_and(|v| v == "true");
+    let skip = sdb
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
     match sdb.spec.deletion_policy {
         DeletionPolicy::Retain => {
             // The data stays, and so must the Secrets that hold its passwords: orphan them so
             // garbage collection leaves them, and a re-created ServiceDatabase adopts them.
-            for secret in [names.app_secret(), names.superuser_secret(), names.relay_secret(), names.cdc_secret()] {
+            for secret in [
+                names.app_secret(),
+                names.superuser_secret(),
+                names.relay_secret(),
+                names.cdc_secret(),
+            ] {
                 orphan_secret(ctx, &ns, &secret).await?;
             }
-            ctx.event(sdb, EventType::Normal, "Retained", "Delete", "deletionPolicy Retain: kept the data and the credential Secrets".to_owned()).await;
+            ctx.event(
+                sdb,
+                EventType::Normal,
+                "Retained",
+                "Delete",
+                "deletionPolicy Retain: kept the data and the credential Secrets".to_owned(),
+            )
+            .await;
         }
         DeletionPolicy::Delete if skip => {
-            ctx.event(sdb, EventType::Warning, "CleanupSkipped", "Delete", format!("{SKIP_CLEANUP_ANNOTATION} is set: not dropping the database")).await;
+            ctx.event(
+                sdb,
+                EventType::Warning,
+                "CleanupSkipped",
+                "Delete",
+                format!("{SKIP_CLEANUP_ANNOTATION} is set: not dropping the database"),
+            )
+            .await;
         }
         DeletionPolicy::Delete => {
             if let Some(external) = &sdb.spec.instance.external {
                 let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
                 match external_admin(ctx, &secrets, external).await? {
                     Ok(admin) => {
-                        let desire = desire(sdb, &[]).map_err(|i| Error::Invalid { reason: i.reason, message: i.message })?;
-                        let roles = [desire.roles.app.clone(), desire.roles.relay.clone(), desire.roles.cdc.clone()];
-                        match postgres::deprovision::deprovision(&admin, &desire.database, &roles).await {
+                        let desire = desire(sdb, &[]).map_err(|i| Error::Invalid {
+                            reason: i.reason,
+                            message: i.message,
+                        })?;
+                        let roles = [
+                            desire.roles.app.clone(),
+                            desire.roles.relay.clone(),
+                            desire.roles.cdc.clone(),
+                        ];
+                        match postgres::deprovision::deprovision(&admin, &desire.plan.database, &roles)
+                            .await
+                        {
                             Ok(report) => {
                                 ctx.backoff.reset(&key);
-                                ctx.event(sdb, EventType::Normal, "Deprovisioned", "Delete", format!("dropped: {}", report.changes.join("; "))).await;
+                                ctx.event(
+                                    sdb,
+                                    EventType::Normal,
+                                    "Deprovisioned",
+                                    "Delete",
+                                    format!("dropped: {}", report.changes.join("; ")),
+                                )
+                                .await;
                             }
                             Err(e) => {
                                 let message = format!(
                                     "{e}; retrying with backoff. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without dropping the database"
                                 );
-                                ctx.event(sdb, EventType::Warning, "CleanupFailed", "Delete", message.clone()).await;
-                                let _ = write_status(ctx, sdb, Phase::Deleting, None, None, vec![Desired::fail("Ready", "CleanupFailed", message)]).await;
+                                ctx.event(
+                                    sdb,
+                                    EventType::Warning,
+                                    "CleanupFailed",
+                                    "Delete",
+                                    message.clone(),
+                                )
+                                .await;
+                                let _ = write_status(
+                                    ctx,
+                                    sdb,
+                                    Phase::Deleting,
+                                    None,
+                                    None,
+                                    vec![Desired::fail("Ready", "CleanupFailed", message)],
+                                )
+                                .await;
                                 return Err(e.into());
                             }
                         }
                     }
                     Err(message) => {
-                        ctx.event(sdb, EventType::Warning, "CleanupFailed", "Delete", format!("{message}; set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go")).await;
+                        ctx.event(
+                            sdb,
+                            EventType::Warning,
+                            "CleanupFailed",
+                            "Delete",
+                            format!("{message}; set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go"),
+                        )
+                        .await;
                         return Ok(Action::requeue(ctx.backoff.next(&key)));
                     }
                 }
@@ -696,21 +1000,43 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
 
 async fn orphan_secret(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(secret) = api.get_metadata_opt(name).await.map_err(|source| Error::Read { what: format!("Secret {name}"), source })? else {
+    let Some(secret) = api
+        .get_metadata_opt(name)
+        .await
+        .map_err(|source| Error::Read {
+            what: format!("Secret {name}"),
+            source,
+        })?
+    else {
         return Ok(());
     };
-    if secret.metadata.owner_references.as_ref().is_none_or(|o| o.is_empty()) {
+    if secret
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_none_or(|o| o.is_empty())
+    {
         return Ok(());
     }
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"ownerReferences": null}})))
-        .await
-        .map_err(|source| Error::Read { what: format!("Secret {name} (orphaning)"), source })?;
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"ownerReferences": null}})),
+    )
+    .await
+    .map_err(|source| Error::Read {
+        what: format!("Secret {name} (orphaning)"),
+        source,
+    })?;
     Ok(())
 }
 
 /// The operator's admin connection to the server holding `sdb`'s database, or a message saying
 /// what is missing (used by the OutboxRelay controller to drop slots).
-pub async fn admin_connection(ctx: &Context, sdb: &ServiceDatabase) -> Result<Result<ConnectParams, String>, Error> {
+pub async fn admin_connection(
+    ctx: &Context,
+    sdb: &ServiceDatabase,
+) -> Result<Result<ConnectParams, String>, Error> {
     let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     match (&sdb.spec.instance.managed, &sdb.spec.instance.external) {
@@ -720,13 +1046,25 @@ pub async fn admin_connection(ctx: &Context, sdb: &ServiceDatabase) -> Result<Re
             let secret = secrets
                 .get_opt(&names.superuser_secret())
                 .await
-                .map_err(|source| Error::Read { what: "superuser Secret".to_owned(), source })?;
+                .map_err(|source| Error::Read {
+                    what: "superuser Secret".to_owned(),
+                    source,
+                })?;
             Ok(match secret.as_ref().and_then(stored_password) {
                 Some(password) => Ok(ConnectParams {
                     connect_timeout: ctx.settings.connect_timeout,
-                    ..ConnectParams::new(format!("{}.{ns}.svc", names.instance()), POSTGRES_PORT as u16, "postgres", Password::from_plaintext(password), "postgres")
+                    ..ConnectParams::new(
+                        format!("{}.{ns}.svc", names.instance()),
+                        POSTGRES_PORT as u16,
+                        "postgres",
+                        Password::from_plaintext(password),
+                        "postgres",
+                    )
                 }),
-                None => Err(format!("superuser Secret {} not found", names.superuser_secret())),
+                None => Err(format!(
+                    "superuser Secret {} not found",
+                    names.superuser_secret()
+                )),
             })
         }
         (None, None) => Ok(Err("the ServiceDatabase names no instance".to_owned())),

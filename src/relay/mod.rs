@@ -38,7 +38,7 @@ pub enum RelayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Connect(#[from] pg::ConnectError),
-    #[error("Postgres: {0}")]
+    #[error("Postgres: {}", pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Publish(#[from] PublishError),
@@ -71,6 +71,18 @@ impl RelayError {
             RelayError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("42")),
             RelayError::Connect(_) | RelayError::Replication(_) => false,
         }
+    }
+}
+
+/// A Postgres error with the server's message and SQLSTATE (tokio-postgres' own `Display` says
+/// only "db error").
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

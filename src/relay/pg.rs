@@ -15,12 +15,12 @@ use super::config::{PgEnv, SslMode};
 
 /// A Postgres connection error; never contains the password.
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to Postgres at {host}:{port} as {user}: {source}")]
+#[error("connecting to Postgres at {host}:{port} as {user}: {message}")]
 pub struct ConnectError {
     host: String,
     port: u16,
     user: String,
-    source: tokio_postgres::Error,
+    message: String,
 }
 
 /// Accepts any server certificate: libpq's `sslmode=require`/`prefer` encrypt without
@@ -114,11 +114,11 @@ pub async fn connect(
     if let Some(p) = &env.password {
         cfg.password(p);
     }
-    let err = |source| ConnectError {
+    let err = |e: tokio_postgres::Error| ConnectError {
         host: env.host.clone(),
         port: env.port,
         user: env.user.clone(),
-        source,
+        message: super::pg_error(&e),
     };
     match tls_config(env.sslmode) {
         None => {

@@ -120,10 +120,12 @@ impl Publisher {
     ) -> Result<Vec<Message>, PublishError> {
         let mut backoff = Backoff::default();
         while !messages.is_empty() {
+            tracing::trace!(messages = messages.len(), "publish attempt");
             let outcomes = tokio::select! {
                 o = self.sink.publish(&messages) => o,
                 () = self.drain_expired() => return Err(PublishError::Aborted),
             };
+            tracing::trace!("publish attempt done");
             let mut retry = Vec::new();
             let mut last_error = None;
             let mut ok = 0u64;

@@ -19,13 +19,20 @@ fn create_role(role: &RolePlan, attrs: RoleAttributes) -> String {
 
 /// The bootstrap script for `plan`, for psql (`\connect` switches into the new database).
 pub fn bootstrap_sql(plan: &DatabasePlan) -> String {
-    let mut out: Vec<String> = vec!["-- Written by servicedb-operator; runs once on an empty data directory.".to_owned()];
+    let mut out: Vec<String> =
+        vec!["-- Written by servicedb-operator; runs once on an empty data directory.".to_owned()];
     out.push(create_role(&plan.app, RoleAttributes::app_role()));
     if let Some(relay) = &plan.relay {
-        out.push(create_role(relay, RoleAttributes::service_role(relay.replication)));
+        out.push(create_role(
+            relay,
+            RoleAttributes::service_role(relay.replication),
+        ));
     }
     if let Some(cdc) = &plan.cdc {
-        out.push(create_role(&cdc.role, RoleAttributes::service_role(cdc.role.replication)));
+        out.push(create_role(
+            &cdc.role,
+            RoleAttributes::service_role(cdc.role.replication),
+        ));
     }
     out.push(sql::create_database(&plan.database, &plan.app.name));
     out.push(sql::revoke_database_from_public(&plan.database));
@@ -34,7 +41,10 @@ pub fn bootstrap_sql(plan: &DatabasePlan) -> String {
     }
     out.push(format!("\\connect {}", plan.database.quoted()));
     out.push(sql::revoke_create_on_public_schema());
-    out.push(sql::alter_schema_owner(&crate::postgres::Ident::public(), &plan.app.name));
+    out.push(sql::alter_schema_owner(
+        &crate::postgres::Ident::public(),
+        &plan.app.name,
+    ));
     for ext in &plan.extensions {
         out.push(sql::create_extension(ext));
     }
@@ -57,18 +67,29 @@ pub fn bootstrap_sql(plan: &DatabasePlan) -> String {
             }
         }
         if plan.outbox_publication {
-            out.push(sql::create_publication(&outbox_publication(outbox), std::slice::from_ref(outbox), Publish::InsertsOnly));
+            out.push(sql::create_publication(
+                &outbox_publication(outbox),
+                std::slice::from_ref(outbox),
+                Publish::InsertsOnly,
+            ));
         }
     }
     if plan.cdc.is_some() {
         // CDC tables are created later by the application's migrations; the controller grants
         // and publishes them once they exist. The empty publication is there from the start.
-        out.push(sql::create_publication(&cdc_publication(&plan.database), &[], Publish::Everything));
+        out.push(sql::create_publication(
+            &cdc_publication(&plan.database),
+            &[],
+            Publish::Everything,
+        ));
     }
     let mut script = out.join(";\n");
     script.push_str(";\n");
     // psql meta-commands must not end with ';'.
-    script.replace(&format!("\\connect {};", plan.database.quoted()), &format!("\\connect {}", plan.database.quoted()))
+    script.replace(
+        &format!("\\connect {};", plan.database.quoted()),
+        &format!("\\connect {}", plan.database.quoted()),
+    )
 }
 
 #[cfg(test)]
@@ -79,16 +100,30 @@ mod tests {
     #[test]
     fn bootstrap_quotes_identifiers_and_carries_only_verifiers() {
         let password = Password::generate();
-        let app = RolePlan { name: Ident::new("orders").expect("ident"), set_password: Some(password.clone()), replication: false };
+        let app = RolePlan {
+            name: Ident::new("orders").expect("ident"),
+            set_password: Some(password.clone()),
+            replication: false,
+        };
         let mut plan = DatabasePlan::new(Ident::new("orders").expect("ident"), app);
-        plan.relay = Some(RolePlan { name: Ident::new("orders_relay").expect("ident"), set_password: Some(Password::generate()), replication: true });
+        plan.relay = Some(RolePlan {
+            name: Ident::new("orders_relay").expect("ident"),
+            set_password: Some(Password::generate()),
+            replication: true,
+        });
         plan.outbox = Some(QualifiedName::parse("events.outbox").expect("name"));
         plan.outbox_publication = true;
         let sql = bootstrap_sql(&plan);
-        assert!(sql.contains("CREATE DATABASE \"orders\" OWNER \"orders\""), "{sql}");
+        assert!(
+            sql.contains("CREATE DATABASE \"orders\" OWNER \"orders\""),
+            "{sql}"
+        );
         assert!(sql.contains("\\connect \"orders\"\n"), "{sql}");
         assert!(sql.contains("SCRAM-SHA-256$"), "{sql}");
-        assert!(!sql.contains(password.expose()), "plaintext password leaked into bootstrap SQL");
+        assert!(
+            !sql.contains(password.expose()),
+            "plaintext password leaked into bootstrap SQL"
+        );
         assert!(sql.contains("CREATE PUBLICATION \"outbox_pub\""), "{sql}");
     }
 }

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::labels::standard_labels;
@@ -60,11 +60,22 @@ pub fn credential_secret(
     password_state: &str,
 ) -> Secret {
     let mut labels = standard_labels("credentials", instance);
-    labels.insert(super::labels::COMPONENT_LABEL.to_owned(), purpose.to_owned());
-    let Credentials { host, port, database, username, password, ssl_mode } = creds;
+    labels.insert(
+        super::labels::COMPONENT_LABEL.to_owned(),
+        purpose.to_owned(),
+    );
+    let Credentials {
+        host,
+        port,
+        database,
+        username,
+        password,
+        ssl_mode,
+    } = creds;
     // Generated passwords are alphanumeric; user and database names match ^[a-z_][a-z0-9_]*$.
     // Nothing here needs percent-encoding, which keeps the URIs readable.
-    let uri = format!("postgresql://{username}:{password}@{host}:{port}/{database}?sslmode={ssl_mode}");
+    let uri =
+        format!("postgresql://{username}:{password}@{host}:{port}/{database}?sslmode={ssl_mode}");
     let jdbc_uri = format!(
         "jdbc:postgresql://{host}:{port}/{database}?user={username}&password={password}&sslmode={ssl_mode}"
     );
@@ -99,7 +110,11 @@ pub fn credential_secret(
         type_: Some("servicebinding.io/postgresql".to_owned()),
         // `data`, not `stringData`: the apiserver never stores stringData, so applying it would
         // make every no-op reconcile look like a change.
-        data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect()),
+        data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                .collect(),
+        ),
         ..Secret::default()
     }
 }
@@ -114,12 +129,21 @@ pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
         return String::from_utf8(v.0.clone()).ok();
     }
-    secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
 }
 
 /// The Secret's password state annotation, if any.
 pub fn password_state(secret: &Secret) -> Option<&str> {
-    secret.metadata.annotations.as_ref().and_then(|a| a.get(PASSWORD_STATE_ANNOTATION)).map(String::as_str)
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PASSWORD_STATE_ANNOTATION))
+        .map(String::as_str)
 }
 
 /// Whether the Secret's password is known to be set on its role.
@@ -144,7 +168,15 @@ mod tests {
 
     #[test]
     fn credential_secret_carries_service_binding_and_cloudnativepg_keys() {
-        let s = credential_secret("orders-app", "shop", "orders", "app", None, &creds(), PASSWORD_APPLIED);
+        let s = credential_secret(
+            "orders-app",
+            "shop",
+            "orders",
+            "app",
+            None,
+            &creds(),
+            PASSWORD_APPLIED,
+        );
         let d: BTreeMap<String, String> = s
             .data
             .clone()
@@ -152,12 +184,21 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k, String::from_utf8(v.0).expect("utf-8")))
             .collect();
-        for key in ["type", "provider", "host", "port", "database", "username", "password", "uri", "jdbc-uri", "pgpass", "dbname", "user"] {
+        for key in [
+            "type", "provider", "host", "port", "database", "username", "password", "uri",
+            "jdbc-uri", "pgpass", "dbname", "user",
+        ] {
             assert!(d.contains_key(key), "missing {key}");
         }
         assert_eq!(d["type"], "postgresql");
-        assert_eq!(d["uri"], "postgresql://orders:s3cr3t@orders-db.shop.svc:5432/orders?sslmode=require");
-        assert_eq!(d["pgpass"], "orders-db.shop.svc:5432:orders:orders:s3cr3t\n");
+        assert_eq!(
+            d["uri"],
+            "postgresql://orders:s3cr3t@orders-db.shop.svc:5432/orders?sslmode=require"
+        );
+        assert_eq!(
+            d["pgpass"],
+            "orders-db.shop.svc:5432:orders:orders:s3cr3t\n"
+        );
         assert_eq!(s.type_.as_deref(), Some("servicebinding.io/postgresql"));
         assert!(password_applied(&s));
         assert_eq!(stored_password(&s).as_deref(), Some("s3cr3t"));

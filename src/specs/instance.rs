@@ -2,15 +2,19 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount, VolumeResourceRequirements, Capabilities, SeccompProfile,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -73,7 +77,10 @@ fn meta(name: String, p: &InstanceParams<'_>) -> ObjectMeta {
 
 /// The image for the instance: the spec's, or the official `postgres:<major>`.
 pub fn image(managed: &ManagedInstance) -> String {
-    managed.image.clone().unwrap_or_else(|| format!("postgres:{}", managed.version))
+    managed
+        .image
+        .clone()
+        .unwrap_or_else(|| format!("postgres:{}", managed.version))
 }
 
 /// `pg_hba.conf`: scram-sha-256 over TCP for everyone (the NetworkPolicy decides who reaches
@@ -96,9 +103,16 @@ pub fn pg_hba_conf() -> String {
 /// Server settings passed as `-c key=value` arguments: the user's parameters first, then the
 /// settings the operator owns (which the CRD forbids users to set).
 pub fn server_settings(p: &InstanceParams<'_>) -> Vec<(String, String)> {
-    let mut settings: Vec<(String, String)> =
-        p.managed.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    settings.push(("hba_file".to_owned(), "/etc/servicedb/pg_hba.conf".to_owned()));
+    let mut settings: Vec<(String, String)> = p
+        .managed
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    settings.push((
+        "hba_file".to_owned(),
+        "/etc/servicedb/pg_hba.conf".to_owned(),
+    ));
     settings.push(("password_encryption".to_owned(), "scram-sha-256".to_owned()));
     settings.push(("listen_addresses".to_owned(), "*".to_owned()));
     if p.logical_decoding {
@@ -167,9 +181,19 @@ fn pg_isready_probe(period: i32, failure_threshold: i32, initial_delay: i32) -> 
             // -h 127.0.0.1: during bootstrap the entrypoint's temporary server listens on the
             // socket only, so the pod turns ready only once bootstrap is complete.
             command: Some(
-                ["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-U", "postgres", "-d", "postgres"]
-                    .map(str::to_owned)
-                    .to_vec(),
+                [
+                    "pg_isready",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    "5432",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
             ),
         }),
         period_seconds: Some(period),
@@ -203,7 +227,11 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
             }),
             ..EnvVar::default()
         },
-        EnvVar { name: "PGDATA".to_owned(), value: Some(format!("{DATA_MOUNT}/pgdata")), ..EnvVar::default() },
+        EnvVar {
+            name: "PGDATA".to_owned(),
+            value: Some(format!("{DATA_MOUNT}/pgdata")),
+            ..EnvVar::default()
+        },
         EnvVar {
             name: "POSTGRES_INITDB_ARGS".to_owned(),
             value: Some("--auth-host=scram-sha-256 --auth-local=trust".to_owned()),
@@ -229,12 +257,24 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
             run_as_group: Some(POSTGRES_UID),
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: "data".to_owned(), mount_path: DATA_MOUNT.to_owned(), ..VolumeMount::default() },
-            VolumeMount { name: "config".to_owned(), mount_path: "/etc/servicedb".to_owned(), read_only: Some(true), ..VolumeMount::default() },
+            VolumeMount {
+                name: "data".to_owned(),
+                mount_path: DATA_MOUNT.to_owned(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: "/etc/servicedb".to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
             VolumeMount {
                 name: "bootstrap".to_owned(),
                 mount_path: "/docker-entrypoint-initdb.d".to_owned(),
@@ -242,8 +282,16 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
                 ..VolumeMount::default()
             },
             // The read-only root filesystem needs writable socket and scratch directories.
-            VolumeMount { name: "run".to_owned(), mount_path: "/var/run/postgresql".to_owned(), ..VolumeMount::default() },
-            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+            VolumeMount {
+                name: "run".to_owned(),
+                mount_path: "/var/run/postgresql".to_owned(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     };
@@ -255,7 +303,10 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
     let volumes = vec![
         Volume {
             name: "config".to_owned(),
-            config_map: Some(ConfigMapVolumeSource { name: names.config_map(), ..ConfigMapVolumeSource::default() }),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map(),
+                ..ConfigMapVolumeSource::default()
+            }),
             ..Volume::default()
         },
         Volume {
@@ -288,10 +339,12 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
                 match_labels: Some(selector_labels(POSTGRES_COMPONENT, p.name)),
                 ..LabelSelector::default()
             },
-            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
-                when_deleted: Some(retention.to_owned()),
-                when_scaled: Some("Retain".to_owned()),
-            }),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(retention.to_owned()),
+                    when_scaled: Some("Retain".to_owned()),
+                },
+            ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
@@ -311,7 +364,10 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
                         run_as_non_root: Some(true),
                         run_as_user: Some(POSTGRES_UID),
                         fs_group: Some(POSTGRES_UID),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..SeccompProfile::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     ..PodSpec::default()
@@ -348,14 +404,26 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
 pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
     let names = DatabaseNames::new(p.name);
     let mut relay_labels = BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), RELAY_COMPONENT.to_owned()),
-        ("app.kubernetes.io/part-of".to_owned(), super::labels::PART_OF.to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            RELAY_COMPONENT.to_owned(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_owned(),
+            super::labels::PART_OF.to_owned(),
+        ),
     ]);
     relay_labels.insert(DATABASE_LABEL.to_owned(), p.name.to_owned());
     let mut peers = vec![
-        NetworkPolicyPeer { pod_selector: Some(p.owner_pods.clone()), ..NetworkPolicyPeer::default() },
         NetworkPolicyPeer {
-            pod_selector: Some(LabelSelector { match_labels: Some(relay_labels), ..LabelSelector::default() }),
+            pod_selector: Some(p.owner_pods.clone()),
+            ..NetworkPolicyPeer::default()
+        },
+        NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(relay_labels),
+                ..LabelSelector::default()
+            }),
             ..NetworkPolicyPeer::default()
         },
         NetworkPolicyPeer {
@@ -413,7 +481,10 @@ pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
 /// The default selector of the owner's pods: `app.kubernetes.io/name: <service>`.
 pub fn default_owner_selector(service: &str) -> LabelSelector {
     LabelSelector {
-        match_labels: Some(BTreeMap::from([("app.kubernetes.io/name".to_owned(), service.to_owned())])),
+        match_labels: Some(BTreeMap::from([(
+            "app.kubernetes.io/name".to_owned(),
+            service.to_owned(),
+        )])),
         ..LabelSelector::default()
     }
 }

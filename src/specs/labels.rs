@@ -20,7 +20,10 @@ pub fn standard_labels(component: &str, instance: &str) -> BTreeMap<String, Stri
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), component.to_owned()),
         ("app.kubernetes.io/instance".to_owned(), instance.to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        ),
         ("app.kubernetes.io/part-of".to_owned(), PART_OF.to_owned()),
     ])
 }
@@ -51,7 +54,9 @@ pub struct DatabaseNames {
 impl DatabaseNames {
     /// Names for the ServiceDatabase called `base`.
     pub fn new(base: &str) -> Self {
-        DatabaseNames { base: base.to_owned() }
+        DatabaseNames {
+            base: base.to_owned(),
+        }
     }
     /// The StatefulSet, the ClusterIP Service and the NetworkPolicy of a managed instance.
     pub fn instance(&self) -> String {

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecurityContext, ServiceAccount, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecurityContext, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -46,7 +46,9 @@ pub struct RelayNames {
 impl RelayNames {
     /// Names for the OutboxRelay called `base`.
     pub fn new(base: &str) -> Self {
-        RelayNames { base: base.to_owned() }
+        RelayNames {
+            base: base.to_owned(),
+        }
     }
     /// Deployment and ServiceAccount.
     pub fn deployment(&self) -> String {
@@ -63,13 +65,33 @@ impl RelayNames {
 pub fn slot_name(namespace: &str, name: &str) -> String {
     let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
     let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let stem: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(40).collect();
+    let stem: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
     format!("obr_{stem}_{suffix}")
 }
 
 /// The relay config the Deployment runs with.
-pub fn relay_config(spec: &OutboxRelaySpec, namespace: &str, relay_name: &str, database: &str, outbox_table: &str) -> RelayConfig {
-    let table = if outbox_table.contains('.') { outbox_table.to_owned() } else { format!("public.{outbox_table}") };
+pub fn relay_config(
+    spec: &OutboxRelaySpec,
+    namespace: &str,
+    relay_name: &str,
+    database: &str,
+    outbox_table: &str,
+) -> RelayConfig {
+    let table = if outbox_table.contains('.') {
+        outbox_table.to_owned()
+    } else {
+        format!("public.{outbox_table}")
+    };
     let table_name = table.rsplit('.').next().unwrap_or("outbox");
     RelayConfig {
         mode: spec.mode,
@@ -168,12 +190,20 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
             }),
             ..EnvVar::default()
         })
-        .chain([EnvVar { name: "RUST_LOG".to_owned(), value: Some("info".to_owned()), ..EnvVar::default() }])
+        .chain([EnvVar {
+            name: "RUST_LOG".to_owned(),
+            value: Some("info".to_owned()),
+            ..EnvVar::default()
+        }])
         .collect();
     let container = Container {
         name: "relay".to_owned(),
         image: Some(p.image.to_owned()),
-        args: Some(vec!["relay".to_owned(), "--config".to_owned(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
+        args: Some(vec![
+            "relay".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
         env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".to_owned()),
@@ -189,12 +219,24 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
             run_as_group: Some(RELAY_UID),
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Capabilities::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: "config".to_owned(), mount_path: CONFIG_DIR.to_owned(), read_only: Some(true), ..VolumeMount::default() },
-            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     };
@@ -202,11 +244,17 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
         metadata: meta(names.deployment(), p),
         spec: Some(DeploymentSpec {
             replicas: Some(p.spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector_labels(RELAY_COMPONENT, p.name)), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(RELAY_COMPONENT, p.name)),
+                ..LabelSelector::default()
+            },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(CHECKSUM_ANNOTATION.to_owned(), p.checksum.clone())])),
+                    annotations: Some(BTreeMap::from([(
+                        CHECKSUM_ANNOTATION.to_owned(),
+                        p.checksum.clone(),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -217,16 +265,26 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
                     termination_grace_period_seconds: Some(30),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..SeccompProfile::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     volumes: Some(vec![
                         Volume {
                             name: "config".to_owned(),
-                            config_map: Some(ConfigMapVolumeSource { name: names.config_map(), ..ConfigMapVolumeSource::default() }),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: names.config_map(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
                             ..Volume::default()
                         },
-                        Volume { name: "tmp".to_owned(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+                        Volume {
+                            name: "tmp".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
                     ]),
                     ..PodSpec::default()
                 }),
@@ -247,7 +305,11 @@ mod tests {
         let b = slot_name("shop2", "Orders-Events");
         assert_ne!(a, b);
         assert!(a.len() <= 63);
-        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{a}");
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{a}"
+        );
         assert!(slot_name("n", &"x".repeat(47)).len() <= 63);
     }
 }

@@ -25,13 +25,22 @@ pub async fn install_crds() -> Result<()> {
         let api: Api<CustomResourceDefinition> = Api::all(client);
         for crd in servicedb::api::crds() {
             let name = crd.name_any();
-            api.patch(&name, &PatchParams::apply("servicedb-tests").force(), &Patch::Apply(&crd)).await?;
+            api.patch(
+                &name,
+                &PatchParams::apply("servicedb-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await?;
             support::wait_until(&format!("CRD {name} established"), support::TIMEOUT, || {
                 let api = api.clone();
                 let name = name.clone();
                 async move {
                     let crd = api.get(&name).await.ok()?;
-                    let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                    let established = crd
+                        .status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
                     established.then_some(())
                 }
             })
@@ -55,19 +64,40 @@ impl Operator {
     pub async fn start(namespace: &str) -> Result<Self> {
         install_crds().await?;
         let env = support::env();
-        let log = env.dir.join("logs").join(format!("operator-{namespace}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log = env
+            .dir
+            .join("logs")
+            .join(format!("operator-{namespace}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"))
-            .args(["operator", "--listen", "127.0.0.1:0", "--watch-namespace", namespace, "--resync-seconds", "20"])
+            .args([
+                "operator",
+                "--listen",
+                "127.0.0.1:0",
+                "--watch-namespace",
+                namespace,
+                "--resync-seconds",
+                "20",
+            ])
             .env("KUBECONFIG", &env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
-            .env("SERVICEDB_RELAY_IMAGE", "ghcr.io/servicedb/servicedb-operator:test")
+            .env(
+                "SERVICEDB_RELAY_IMAGE",
+                "ghcr.io/servicedb/servicedb-operator:test",
+            )
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
             .kill_on_drop(true)
             .spawn()
             .context("spawning servicedb operator")?;
-        Ok(Operator { child, log, namespace: namespace.to_owned() })
+        Ok(Operator {
+            child,
+            log,
+            namespace: namespace.to_owned(),
+        })
     }
 
     /// Kill the process (SIGKILL) and wait for it: a crash, as far as the cluster can tell.
@@ -83,7 +113,13 @@ impl Operator {
 }
 
 /// Wait until `name`'s condition `type_` has status `status`; returns the object.
-pub async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str, timeout: Duration) -> Result<K>
+pub async fn wait_condition<K>(
+    api: &Api<K>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    timeout: Duration,
+) -> Result<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + serde::Serialize,
 {
@@ -104,7 +140,11 @@ where
 
 /// The string value of a Secret's key.
 pub fn secret_string(secret: &Secret, key: &str) -> Result<String> {
-    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| anyhow!("Secret has no key {key}"))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or_else(|| anyhow!("Secret has no key {key}"))?;
     Ok(String::from_utf8(bytes.0.clone())?)
 }
 
@@ -115,7 +155,9 @@ pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Res
         "metadata": {"name": name},
         "stringData": {"username": env.pg_user, "password": env.pg_password}
     }))?;
-    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
     Ok(())
 }
 
@@ -158,7 +200,11 @@ impl Proxy {
     pub async fn start(target: &str) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let mut proxy = Proxy { port, target: target.to_owned(), task: None };
+        let mut proxy = Proxy {
+            port,
+            target: target.to_owned(),
+            task: None,
+        };
         proxy.task = Some(Self::serve(listener, proxy.target.clone()));
         Ok(proxy)
     }
@@ -186,9 +232,15 @@ impl Proxy {
 
     /// Listen again on the same port.
     pub async fn resume(&mut self) -> Result<()> {
-        let listener = support::wait_until("the proxy port to be free again", support::TIMEOUT, || async {
-            tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.ok()
-        })
+        let listener = support::wait_until(
+            "the proxy port to be free again",
+            support::TIMEOUT,
+            || async {
+                tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                    .await
+                    .ok()
+            },
+        )
         .await?;
         self.task = Some(Self::serve(listener, self.target.clone()));
         Ok(())
@@ -198,5 +250,46 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `servicedb-dev run-relays` for one namespace: relay pods become local `servicedb relay`
+/// processes with exactly the pods' args, env and mounted config. Killed on drop.
+pub struct RelayRunner {
+    child: tokio::process::Child,
+}
+
+impl RelayRunner {
+    /// Start the runner for `namespace`.
+    pub async fn start(namespace: &str) -> Result<Self> {
+        let env = support::env();
+        let work = env.dir.join("dev-relays").join(namespace);
+        std::fs::create_dir_all(&work)?;
+        let log =
+            std::fs::File::create(env.dir.join("logs").join(format!("relays-{namespace}.log")))?;
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb-dev"))
+            .args([
+                "run-relays",
+                "--namespace",
+                namespace,
+                "--program",
+                env!("CARGO_BIN_EXE_servicedb"),
+            ])
+            .arg("--work-dir")
+            .arg(&work)
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning servicedb-dev run-relays")?;
+        Ok(RelayRunner { child })
+    }
+
+    /// Stop the runner and every relay it started.
+    pub async fn stop(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
     }
 }

@@ -349,8 +349,21 @@ pub async fn produce(
     per_tx: usize,
     aggtype: &str,
 ) -> Result<()> {
+    produce_range(pg, db, 0, n, aggregates, per_tx, aggtype).await
+}
+
+/// [`produce`] for events `from..n`.
+pub async fn produce_range(
+    pg: &Postgres,
+    db: &str,
+    from: usize,
+    n: usize,
+    aggregates: usize,
+    per_tx: usize,
+    aggtype: &str,
+) -> Result<()> {
     let mut c = pg.connect(db).await?;
-    let mut i = 0usize;
+    let mut i = from;
     while i < n {
         let end = (i + per_tx).min(n);
         let sql = format!(
@@ -620,15 +633,38 @@ impl Kafka {
     }
 }
 
-/// Kafka for the tests that do not stop it: `RELAY_TEST_KAFKA` if set, else a private one.
+/// The shared test environment's Kafka (`target/testenv/env`), if that file exists.
+fn testenv_kafka() -> Option<String> {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/testenv/env");
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("export KAFKA_BOOTSTRAP_SERVERS="))
+        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
+        .next()
+}
+
+/// Kafka for the tests that do not stop it: `RELAY_TEST_KAFKA` if set, else the shared test
+/// environment's (when its env file exists and the broker answers), else a private one.
 pub fn kafka_bootstrap() -> String {
     static K: OnceLock<String> = OnceLock::new();
-    K.get_or_init(|| match std::env::var("RELAY_TEST_KAFKA") {
-        Ok(b) if !b.is_empty() => b,
-        _ => {
-            static OWN: OnceLock<Kafka> = OnceLock::new();
-            OWN.get_or_init(|| Kafka::start().expect("start kafka"))
-                .bootstrap()
+    K.get_or_init(|| {
+        match std::env::var("RELAY_TEST_KAFKA")
+            .ok()
+            .or_else(testenv_kafka)
+        {
+            Some(b)
+                if b.rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .is_some_and(port_open) =>
+            {
+                b
+            }
+            _ => {
+                static OWN: OnceLock<Kafka> = OnceLock::new();
+                OWN.get_or_init(|| Kafka::start().expect("start kafka"))
+                    .bootstrap()
+            }
         }
     })
     .clone()
@@ -674,6 +710,7 @@ pub async fn kafka_read(
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
         .create()?;
     consumer.subscribe(&[topic])?;
     let deadline = Instant::now() + timeout;
@@ -723,6 +760,10 @@ pub async fn kafka_read(
 pub struct Delivered {
     pub agg: String,
     pub n: i64,
+    /// Payload `ts` (µs since the Unix epoch, set by the benchmark's writers), if any.
+    pub ts_us: Option<i64>,
+    /// When this process received the message (µs since the Unix epoch).
+    pub received_us: i64,
     pub id: String,
     pub headers: BTreeMap<String, String>,
     pub destination: String,
@@ -741,12 +782,21 @@ impl Delivered {
         Self {
             agg: v["agg"].as_str().unwrap_or_default().to_owned(),
             n: v["n"].as_i64().unwrap_or(-1),
+            ts_us: v["ts"].as_i64(),
+            received_us: now_us(),
             id,
             headers,
             destination,
             key,
         }
     }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// Result of checking a delivery against `0..expected` produced by [`produce`].
@@ -798,6 +848,51 @@ pub fn check_delivery(delivered: &[Delivered], expected: usize) -> Result<Check>
 
 // ---- the relay process ----------------------------------------------------------------------
 
+fn supports_relay(bin: &Path) -> bool {
+    Command::new(bin)
+        .args(["relay", "--help"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The `servicedb` binary to test: `RELAY_BIN`, else cargo's. The target directory may be shared
+/// by several work trees, so the uplifted binary can be another branch's build; then fall back to
+/// the newest hashed build in `deps/` that has the `relay` subcommand.
+pub fn relay_binary() -> PathBuf {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        if let Some(b) = std::env::var_os("RELAY_BIN") {
+            return PathBuf::from(b);
+        }
+        let cargo = PathBuf::from(env!("CARGO_BIN_EXE_servicedb"));
+        if supports_relay(&cargo) {
+            return cargo;
+        }
+        let deps = cargo.parent().map(|p| p.join("deps")).unwrap_or_default();
+        let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("servicedb-") && !n.contains('.'))
+            })
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        candidates.sort();
+        candidates
+            .into_iter()
+            .rev()
+            .map(|(_, p)| p)
+            .find(|p| supports_relay(p))
+            .unwrap_or(cargo)
+    })
+    .clone()
+}
+
 pub struct Relay {
     pub child: Option<Child>,
     pub metrics_port: u16,
@@ -813,7 +908,10 @@ impl Relay {
         let mut f = std::fs::File::create(&cfg)?;
         f.write_all(format!("{config_yaml}\nlisten: \"127.0.0.1:{port}\"\n").as_bytes())?;
         let log = dir.join("relay.log");
-        let bin = env!("CARGO_BIN_EXE_servicedb");
+        let log_filter =
+            std::env::var("RELAY_TEST_RUST_LOG").unwrap_or_else(|_| "info,servicedb=debug".into());
+        let bin = relay_binary();
+        let bin = bin.to_str().unwrap_or_default();
         let pgport = pg.port.to_string();
         let child = spawn_bound(
             &[bin, "relay", "--config", cfg.to_str().unwrap_or_default()],
@@ -824,7 +922,7 @@ impl Relay {
                 ("PGDATABASE", db),
                 ("PGUSER", "relay"),
                 ("PGSSLMODE", "disable"),
-                ("RUST_LOG", "info,servicedb=debug"),
+                ("RUST_LOG", &log_filter),
             ],
         )
         .context("spawning the relay")?;

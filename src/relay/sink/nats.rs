@@ -33,8 +33,10 @@ impl NatsSink {
             .map_err(|e| BuildError::Nats(e.to_string()))?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
+            // A batch is at most 10,000 messages; more pending acks than this means acks were
+            // lost, which should fail the attempt rather than wait for a permit forever.
             .max_ack_inflight(20_000)
-            .backpressure_on_inflight(true)
+            .backpressure_on_inflight(false)
             .build(client.clone());
         Ok(Self {
             client,
@@ -97,6 +99,36 @@ impl Sink for NatsSink {
     }
 
     async fn publish(&self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
+        // Bound the whole attempt: across a disconnect an ack can be lost without its future
+        // ever resolving. Re-sending is safe: JetStream drops copies by Nats-Msg-Id.
+        let limit = ATTEMPT_TIMEOUT + Duration::from_millis(messages.len() as u64);
+        match tokio::time::timeout(limit, self.publish_inner(messages)).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                let e = SinkError::Transient(format!("no acknowledgement within {limit:?}"));
+                messages.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
+    async fn probe(&self) -> Result<(), SinkError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => {
+                tokio::time::timeout(Duration::from_secs(3), self.client.flush())
+                    .await
+                    .map_err(|_| SinkError::Transient("flush timed out".into()))?
+                    .map_err(|e| SinkError::Transient(e.to_string()))
+            }
+            other => Err(SinkError::Transient(format!("NATS connection is {other}"))),
+        }
+    }
+}
+
+/// Upper bound of one publish attempt (plus 1 ms per message).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl NatsSink {
+    async fn publish_inner(&self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
         if let Err(e) = self.ensure_stream().await {
             return messages.iter().map(|_| Err(e.clone())).collect();
         }
@@ -130,6 +162,7 @@ impl Sink for NatsSink {
             );
         }
         let mut out = Vec::with_capacity(pending.len());
+        tracing::trace!(n = pending.len(), "all sent; awaiting acks");
         for p in pending {
             out.push(match p {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(&e)),
@@ -137,17 +170,5 @@ impl Sink for NatsSink {
             });
         }
         out
-    }
-
-    async fn probe(&self) -> Result<(), SinkError> {
-        match self.client.connection_state() {
-            async_nats::connection::State::Connected => {
-                tokio::time::timeout(Duration::from_secs(3), self.client.flush())
-                    .await
-                    .map_err(|_| SinkError::Transient("flush timed out".into()))?
-                    .map_err(|e| SinkError::Transient(e.to_string()))
-            }
-            other => Err(SinkError::Transient(format!("NATS connection is {other}"))),
-        }
     }
 }

@@ -165,7 +165,8 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             Err(RelayError::Setup(format!(
-                "replication slot {slot} does not exist and this role cannot create it: the role needs the REPLICATION attribute ({e})"
+                "replication slot {slot} does not exist and this role cannot create it: the role needs the REPLICATION attribute ({})",
+                super::super::pg_error(&e)
             )))
         }
         Err(e) => Err(e.into()),

@@ -1,4 +1,4 @@
-//! Event sources: Poll (claim rows with `FOR UPDATE SKIP LOCKED`) and Logical (pgoutput slot); both hand batches to the publisher (I/O in the submodules).
+//! Event sources: Poll (claim rows in `seq` order under an advisory lock) and Logical (pgoutput slot); both hand batches to the publisher (I/O in the submodules).
 
 pub mod logical;
 pub mod pgoutput;

@@ -1,4 +1,4 @@
-//! Poll mode: claim a batch in `seq` order with `FOR UPDATE SKIP LOCKED`, publish it, delete it and commit, as the single holder of an advisory lock (Postgres I/O).
+//! Poll mode: claim a batch in `seq` order (deleting it in an open transaction), publish it, and commit only after every ack, as the single holder of an advisory lock (Postgres I/O).
 //!
 //! The advisory lock is session-level and held by the same connection that claims and deletes:
 //! if that session dies, Postgres releases the lock and rolls back the claim together, so a
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
-use uuid::Uuid;
 
 use super::super::envelope::OutboxEvent;
 use super::super::publish::{Backoff, PublishError};
@@ -73,15 +72,17 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
         tracing::debug!(error = %e, "LISTEN failed; relying on the poll interval");
     }
     let q = table.quoted();
+    // Claim = delete in an open transaction, committed only after every ack. `FOR UPDATE SKIP
+    // LOCKED` would need the UPDATE privilege; the relay role has SELECT and DELETE only, and
+    // the advisory lock already makes this session the only claimant. A rolled-back claim
+    // (crash, broker down, shutdown) leaves the rows in place. The sub-select sees every
+    // committed row, late commits included: there is no `seq > last_seen` anywhere.
     let claim = client
         .prepare(&format!(
-            "SELECT id, aggregatetype, aggregateid, type, payload::text, headers::text, \
-             extract(epoch from created_at)::float8 \
-             FROM {q} ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+            "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} ORDER BY seq LIMIT $1) \
+             RETURNING seq, id, aggregatetype, aggregateid, type, payload::text, headers::text, \
+             extract(epoch from created_at)::float8"
         ))
-        .await?;
-    let delete = client
-        .prepare(&format!("DELETE FROM {q} WHERE id = ANY($1)"))
         .await?;
     let limit = i64::from(ctx.v.config.batch_size);
     let interval = Duration::from_millis(ctx.v.config.poll_interval_ms);
@@ -101,32 +102,33 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
             }
             continue;
         }
-        let mut events = Vec::with_capacity(rows.len());
-        let mut ids: Vec<Uuid> = Vec::with_capacity(rows.len());
+        let mut claimed = Vec::with_capacity(rows.len());
         for r in &rows {
-            let created: Option<f64> = r.try_get(6)?;
+            let seq: i64 = r.try_get(0)?;
+            let created: Option<f64> = r.try_get(7)?;
             let ev = OutboxEvent {
-                id: r.try_get(0)?,
-                aggregatetype: r.try_get(1)?,
-                aggregateid: r.try_get(2)?,
-                event_type: r.try_get(3)?,
-                payload: r.try_get(4)?,
-                headers: r.try_get(5)?,
+                id: r.try_get(1)?,
+                aggregatetype: r.try_get(2)?,
+                aggregateid: r.try_get(3)?,
+                event_type: r.try_get(4)?,
+                payload: r.try_get(5)?,
+                headers: r.try_get(6)?,
                 created_at: created
                     .filter(|s| s.is_finite() && *s >= 0.0)
                     .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s)),
             };
-            ids.push(ev.id);
-            events.push(ev);
+            claimed.push((seq, ev));
         }
         drop(rows);
+        // RETURNING has no order: publish in `seq` order.
+        claimed.sort_unstable_by_key(|(seq, _)| *seq);
+        let events: Vec<OutboxEvent> = claimed.into_iter().map(|(_, e)| e).collect();
         match ctx.publisher.publish(&events).await {
             Ok(()) => {}
             // Dropping `tx` rolls the claim back: the rows stay for the next relay.
             Err(PublishError::Aborted) => return Ok(()),
             Err(e @ PublishError::Rejected { .. }) => return Err(RelayError::Publish(e)),
         }
-        tx.execute(&delete, &[&ids]).await?;
         tx.commit().await?;
         ctx.metrics
             .batch_seconds
