@@ -361,7 +361,9 @@ async fn start(
         path: log_path.clone(),
         source,
     })?;
-    let child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    die_with_parent(&mut command);
+    let child = command
         .args(&process.args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -380,6 +382,21 @@ async fn start(
         ready: None,
         uid: pod.uid().unwrap_or_default(),
     })
+}
+
+/// Make the child die when this runner dies, however it dies (SIGKILL included): a development
+/// runner must never leave relays publishing behind it.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent;
+    // it is the only call made between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 async fn free_port() -> std::io::Result<u16> {

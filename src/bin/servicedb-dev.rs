@@ -93,7 +93,17 @@ fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&work_dir)?;
             let work_dir = std::fs::canonicalize(&work_dir)?;
             servicedb::devrunner::run(client, namespace, program, work_dir, async {
-                let _ = tokio::signal::ctrl_c().await;
+                // Ctrl-C or SIGTERM (make dev's cleanup) stops the relays gracefully.
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(_) => return std::future::pending().await,
+                    };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
             })
             .await?;
             anyhow::Ok(())

@@ -939,8 +939,12 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
                             desire.roles.relay.clone(),
                             desire.roles.cdc.clone(),
                         ];
-                        match postgres::deprovision::deprovision(&admin, &desire.plan.database, &roles)
-                            .await
+                        match postgres::deprovision::deprovision(
+                            &admin,
+                            &desire.plan.database,
+                            &roles,
+                        )
+                        .await
                         {
                             Ok(report) => {
                                 ctx.backoff.reset(&key);
