@@ -106,7 +106,9 @@ async fn run_operator(
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     servicedb::operator::check_crds(&client).await?;
-    let registry = std::sync::Arc::new(prometheus_client::registry::Registry::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = servicedb::operator::metrics::OperatorMetrics::register(&mut registry);
+    let registry = std::sync::Arc::new(registry);
     let readiness = servicedb::http::Readiness::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (addr, server) =
@@ -121,7 +123,7 @@ async fn run_operator(
         stop.cancel();
     });
     let controllers_stop = shutdown.clone();
-    servicedb::operator::run(client, settings, async move {
+    servicedb::operator::run(client, settings, metrics, async move {
         controllers_stop.cancelled().await
     })
     .await;

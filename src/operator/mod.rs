@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod conditions;
+pub mod metrics;
 pub mod outbox_relay;
 pub mod service_database;
 
@@ -63,6 +64,8 @@ pub struct Context {
     pub settings: Settings,
     /// Per-object retry delays.
     pub backoff: Backoff,
+    /// Reconcile and write metrics.
+    pub metrics: metrics::OperatorMetrics,
 }
 
 /// Per-object exponential backoff for failed reconciles: 1s, 2s, 4s, ... capped at five minutes,
@@ -94,6 +97,26 @@ impl Backoff {
 }
 
 impl Context {
+    /// Server-side apply a child (see [`apply::apply`]), counting real writes.
+    pub async fn apply<K>(
+        &self,
+        namespace: &str,
+        desired: K,
+    ) -> Result<apply::Outcome, apply::ApplyError>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let outcome = apply::apply(&self.client, namespace, desired).await?;
+        if outcome == apply::Outcome::Applied {
+            self.metrics.wrote(&K::kind(&()));
+        }
+        Ok(outcome)
+    }
+
     /// Publish an Event on `obj`; failures are logged, never fatal (Events are advisory).
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
@@ -183,6 +206,7 @@ fn children() -> watcher::Config {
 pub async fn run(
     client: Client,
     settings: Settings,
+    metrics: metrics::OperatorMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let reporter = Reporter {
@@ -194,6 +218,7 @@ pub async fn run(
         client: client.clone(),
         settings,
         backoff: Backoff::default(),
+        metrics,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

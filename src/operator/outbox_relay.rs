@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::{instrument, warn};
 
 use super::Context;
-use super::apply::{ApplyError, Outcome, apply};
+use super::apply::{ApplyError, Outcome};
 use super::conditions::{self, Desired};
 use super::service_database::{SKIP_CLEANUP_ANNOTATION, admin_connection};
 use crate::api::outbox_relay::{OutboxRelayStatus, RelayMode};
@@ -99,16 +99,26 @@ pub fn relays_of_database(
 /// Entry point for the controller runtime.
 #[instrument(skip_all, fields(name = %relay.name_any(), namespace = relay.namespace().as_deref().unwrap_or("")))]
 pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = relay.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, relay, |event| async {
-        match event {
-            Finalizer::Apply(relay) => apply_spec(&relay, &ctx).await,
-            Finalizer::Cleanup(relay) => cleanup(&relay, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    let started = std::time::Instant::now();
+    let result = async {
+        let ns = relay.namespace().ok_or(Error::NoNamespace)?;
+        let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, relay, |event| async {
+            match event {
+                Finalizer::Apply(relay) => apply_spec(&relay, &ctx).await,
+                Finalizer::Cleanup(relay) => cleanup(&relay, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    .await;
+    ctx.metrics.observe(
+        "OutboxRelay",
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::category),
+    );
+    result
 }
 
 /// Transient errors retry with a per-object exponential backoff.
@@ -205,13 +215,17 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         checksum: checksum(&config_yaml, secret.data.as_ref()),
     };
     let mut changed = Vec::new();
-    if apply(&ctx.client, &ns, relay::config_map(&params, config_yaml)).await? == Outcome::Applied {
+    if ctx
+        .apply(&ns, relay::config_map(&params, config_yaml))
+        .await?
+        == Outcome::Applied
+    {
         changed.push("ConfigMap");
     }
-    if apply(&ctx.client, &ns, relay::service_account(&params)).await? == Outcome::Applied {
+    if ctx.apply(&ns, relay::service_account(&params)).await? == Outcome::Applied {
         changed.push("ServiceAccount");
     }
-    if apply(&ctx.client, &ns, relay::deployment(&params)).await? == Outcome::Applied {
+    if ctx.apply(&ns, relay::deployment(&params)).await? == Outcome::Applied {
         changed.push("Deployment");
     }
     if !changed.is_empty() {
@@ -340,6 +354,7 @@ async fn write_status(
     )
     .await
     .map_err(Error::Status)?;
+    ctx.metrics.wrote("OutboxRelay/status");
     Ok(())
 }
 

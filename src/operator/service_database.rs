@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use super::Context;
-use super::apply::{ApplyError, Outcome, apply, delete_if_exists};
+use super::apply::{ApplyError, Outcome, delete_if_exists};
 use super::conditions::{self, Desired};
 use crate::api::OutboxRelay;
 use crate::api::outbox_relay::RelayMode;
@@ -102,16 +102,26 @@ impl Error {
 /// Entry point for the controller runtime.
 #[instrument(skip_all, fields(name = %sdb.name_any(), namespace = sdb.namespace().as_deref().unwrap_or("")))]
 pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
-    let api: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, sdb, |event| async {
-        match event {
-            Finalizer::Apply(sdb) => apply_spec(&sdb, &ctx).await,
-            Finalizer::Cleanup(sdb) => cleanup(&sdb, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    let started = std::time::Instant::now();
+    let result = async {
+        let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
+        let api: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, sdb, |event| async {
+            match event {
+                Finalizer::Apply(sdb) => apply_spec(&sdb, &ctx).await,
+                Finalizer::Cleanup(sdb) => cleanup(&sdb, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    .await;
+    ctx.metrics.observe(
+        "ServiceDatabase",
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::category),
+    );
+    result
 }
 
 /// Transient errors retry with a per-object exponential backoff (capped at five minutes).
@@ -371,7 +381,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     instance::BOOTSTRAP_KEY.to_owned(),
                     k8s_openapi::ByteString(bootstrap_sql.into_bytes()),
                 );
-                apply(&ctx.client, &ns, su_secret).await?;
+                ctx.apply(&ns, su_secret).await?;
 
                 let owner_pods =
                     sdb.spec.owner.pod_selector.clone().unwrap_or_else(|| {
@@ -395,25 +405,19 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                 ))
                 .unwrap_or_default();
                 let mut changed = Vec::new();
-                if apply(&ctx.client, &ns, config_map).await? == Outcome::Applied {
+                if ctx.apply(&ns, config_map).await? == Outcome::Applied {
                     changed.push("ConfigMap");
                 }
-                if apply(&ctx.client, &ns, instance::headless_service(&params)).await?
-                    == Outcome::Applied
-                {
+                if ctx.apply(&ns, instance::headless_service(&params)).await? == Outcome::Applied {
                     changed.push("headless Service");
                 }
-                if apply(&ctx.client, &ns, instance::service(&params)).await? == Outcome::Applied {
+                if ctx.apply(&ns, instance::service(&params)).await? == Outcome::Applied {
                     changed.push("Service");
                 }
-                if apply(&ctx.client, &ns, instance::network_policy(&params)).await?
-                    == Outcome::Applied
-                {
+                if ctx.apply(&ns, instance::network_policy(&params)).await? == Outcome::Applied {
                     changed.push("NetworkPolicy");
                 }
-                if apply(&ctx.client, &ns, instance::stateful_set(&params)).await?
-                    == Outcome::Applied
-                {
+                if ctx.apply(&ns, instance::stateful_set(&params)).await? == Outcome::Applied {
                     changed.push("StatefulSet");
                 }
                 if !changed.is_empty() {
@@ -511,7 +515,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
             (false, false) => PASSWORD_PENDING,
         };
         let secret = role_secret(&ns, &name, owner.clone(), &target, &database, c, state);
-        apply(&ctx.client, &ns, secret).await?;
+        ctx.apply(&ns, secret).await?;
     }
     // Secrets no longer wanted (outbox disabled, cdc removed).
     if desire.outbox().is_none()
@@ -620,7 +624,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                         c,
                         PASSWORD_APPLIED,
                     );
-                    apply(&ctx.client, &ns, secret).await?;
+                    ctx.apply(&ns, secret).await?;
                 }
             }
             Err(e) => {
@@ -881,6 +885,7 @@ async fn write_status(
     )
     .await
     .map_err(Error::Status)?;
+    ctx.metrics.wrote("ServiceDatabase/status");
     Ok(())
 }
 

@@ -57,6 +57,8 @@ pub struct Operator {
     child: tokio::process::Child,
     pub log: PathBuf,
     namespace: String,
+    /// Port of its /healthz, /readyz and /metrics.
+    pub port: u16,
 }
 
 impl Operator {
@@ -72,11 +74,19 @@ impl Operator {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"))
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await?
+            .local_addr()?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"));
+        // Never outlive the test binary, even when it is killed.
+        servicedb::devrunner::die_with_parent(&mut command);
+        let child = command
             .args([
                 "operator",
                 "--listen",
-                "127.0.0.1:0",
+                &listen,
                 "--watch-namespace",
                 namespace,
                 "--resync-seconds",
@@ -93,11 +103,35 @@ impl Operator {
             .kill_on_drop(true)
             .spawn()
             .context("spawning servicedb operator")?;
-        Ok(Operator {
+        let operator = Operator {
             child,
             log,
             namespace: namespace.to_owned(),
+            port,
+        };
+        support::wait_until("the operator's /readyz", support::TIMEOUT, || async {
+            servicedb::devrunner::probe(port, "/readyz")
+                .await
+                .then_some(())
         })
+        .await?;
+        Ok(operator)
+    }
+
+    /// The sum of a counter family in the operator's /metrics (0 when absent).
+    pub async fn counter_total(&self, name: &str) -> Result<f64> {
+        let (code, body) = support::http_request(
+            "GET",
+            &format!("http://127.0.0.1:{}/metrics", self.port),
+            None,
+        )
+        .await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// Kill the process (SIGKILL) and wait for it: a crash, as far as the cluster can tell.
