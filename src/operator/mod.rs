@@ -139,6 +139,57 @@ impl Context {
     }
 }
 
+/// The per-object key of the retry backoff: `<kind>/<namespace>/<name>`.
+pub fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Run one reconcile of `K`, recording its outcome and duration in the metrics.
+pub async fn observed<K, E>(
+    ctx: &Context,
+    reconcile: impl std::future::Future<Output = Result<kube::runtime::controller::Action, E>>,
+) -> Result<kube::runtime::controller::Action, E>
+where
+    K: Resource<DynamicType = ()>,
+    E: Categorized,
+{
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    ctx.metrics.observe(
+        &K::kind(&()),
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Categorized::category),
+    );
+    result
+}
+
+/// The error policy of both controllers: retry the failed object alone, with its own
+/// exponential backoff, so one broken object never delays the others.
+pub fn retry_with_backoff<K, E>(
+    obj: &K,
+    err: &E,
+    ctx: &Context,
+) -> kube::runtime::controller::Action
+where
+    K: Resource<DynamicType = ()>,
+    E: Categorized + std::fmt::Display,
+{
+    let delay = ctx.backoff.next(&object_key(obj));
+    warn!(error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
+    kube::runtime::controller::Action::requeue(delay)
+}
+
+/// An error with a short category, used as metric label and Event reason.
+pub trait Categorized {
+    /// The category (`ApplyFailed`, `ServerUnreachable`, ...).
+    fn category(&self) -> &'static str;
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tracing::{instrument, warn};
+use tracing::instrument;
 
 use super::Context;
 use super::apply::{ApplyError, Outcome};
@@ -68,9 +68,8 @@ pub enum Error {
     NoNamespace,
 }
 
-impl Error {
-    /// A short category for Event reasons and metric labels.
-    pub fn category(&self) -> &'static str {
+impl super::Categorized for Error {
+    fn category(&self) -> &'static str {
         match self {
             Error::Apply(_) => "ApplyFailed",
             Error::Read { .. } => "ReadFailed",
@@ -99,8 +98,7 @@ pub fn relays_of_database(
 /// Entry point for the controller runtime.
 #[instrument(skip_all, fields(name = %relay.name_any(), namespace = relay.namespace().as_deref().unwrap_or("")))]
 pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let result = async {
+    super::observed::<OutboxRelay, _>(&ctx, async {
         let ns = relay.namespace().ok_or(Error::NoNamespace)?;
         let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, relay, |event| async {
@@ -111,26 +109,13 @@ pub async fn reconcile(relay: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Act
         })
         .await
         .map_err(|e| Error::Finalizer(Box::new(e)))
-    }
-    .await;
-    ctx.metrics.observe(
-        "OutboxRelay",
-        started.elapsed().as_secs_f64(),
-        result.as_ref().err().map(Error::category),
-    );
-    result
+    })
+    .await
 }
 
 /// Transient errors retry with a per-object exponential backoff.
 pub fn error_policy(relay: Arc<OutboxRelay>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "obr/{}/{}",
-        relay.namespace().unwrap_or_default(),
-        relay.name_any()
-    );
-    let delay = ctx.backoff.next(&key);
-    warn!(error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    super::retry_with_backoff(relay.as_ref(), err, &ctx)
 }
 
 async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
@@ -299,7 +284,7 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         Desired::fail("Available", "NoReadyReplicas", "no relay pod is ready")
     });
     write_status(ctx, relay, Some(ready_replicas), conds).await?;
-    ctx.backoff.reset(&format!("obr/{ns}/{name}"));
+    ctx.backoff.reset(&super::object_key(relay));
     // Deployment status changes arrive through the owns() watch; this is the drift safety net.
     Ok(Action::requeue(ctx.settings.resync))
 }
@@ -400,7 +385,7 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
         .await;
         return Ok(Action::await_change());
     };
-    let key = format!("obr/{ns}/{name}");
+    let key = super::object_key(relay);
     match admin_connection(ctx, &sdb).await.map_err(Box::new)? {
         Ok(admin) => match crate::postgres::slots::drop_slot(
             &admin.with_dbname(sdb.spec.database_name()),

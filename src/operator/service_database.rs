@@ -16,7 +16,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use super::Context;
 use super::apply::{ApplyError, Outcome, delete_if_exists};
@@ -83,9 +83,8 @@ pub enum Error {
     },
 }
 
-impl Error {
-    /// A short category for Event reasons and metric labels.
-    pub fn category(&self) -> &'static str {
+impl super::Categorized for Error {
+    fn category(&self) -> &'static str {
         match self {
             Error::Apply(_) => "ApplyFailed",
             Error::Read { .. } => "ReadFailed",
@@ -102,8 +101,7 @@ impl Error {
 /// Entry point for the controller runtime.
 #[instrument(skip_all, fields(name = %sdb.name_any(), namespace = sdb.namespace().as_deref().unwrap_or("")))]
 pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
-    let result = async {
+    super::observed::<ServiceDatabase, _>(&ctx, async {
         let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
         let api: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, sdb, |event| async {
@@ -114,26 +112,13 @@ pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<A
         })
         .await
         .map_err(|e| Error::Finalizer(Box::new(e)))
-    }
-    .await;
-    ctx.metrics.observe(
-        "ServiceDatabase",
-        started.elapsed().as_secs_f64(),
-        result.as_ref().err().map(Error::category),
-    );
-    result
+    })
+    .await
 }
 
 /// Transient errors retry with a per-object exponential backoff (capped at five minutes).
 pub fn error_policy(sdb: Arc<ServiceDatabase>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "sdb/{}/{}",
-        sdb.namespace().unwrap_or_default(),
-        sdb.name_any()
-    );
-    let delay = ctx.backoff.next(&key);
-    warn!(error = %err, category = err.category(), retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    super::retry_with_backoff(sdb.as_ref(), err, &ctx)
 }
 
 /// What the database side needs, derived from the spec and its neighbours.
@@ -262,7 +247,7 @@ struct Target {
 async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> {
     let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
     let name = sdb.name_any();
-    let key = format!("sdb/{ns}/{name}");
+    let key = super::object_key(sdb);
     let relays = relays_of(ctx, &ns, &name).await?;
     let desire = match desire(sdb, &relays) {
         Ok(d) => d,
@@ -894,7 +879,7 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
     let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
     let name = sdb.name_any();
     let names = DatabaseNames::new(&name);
-    let key = format!("sdb/{ns}/{name}");
+    let key = super::object_key(sdb);
     let skip = sdb
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)

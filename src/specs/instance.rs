@@ -6,10 +6,9 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+    SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
@@ -21,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{DatabaseNames, selector_labels, standard_labels};
+use super::pod;
 use crate::api::service_database::{DeletionPolicy, ManagedInstance};
 
 /// The Postgres port inside the pod and on the Services.
@@ -251,54 +251,16 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
         resources: p.managed.resources.clone(),
         readiness_probe: Some(pg_isready_probe(5, 3, 5)),
         liveness_probe: Some(pg_isready_probe(10, 6, 30)),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(POSTGRES_UID),
-            run_as_group: Some(POSTGRES_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(pod::restricted_container(POSTGRES_UID)),
         volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".to_owned(),
-                mount_path: DATA_MOUNT.to_owned(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: "/etc/servicedb".to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "bootstrap".to_owned(),
-                mount_path: "/docker-entrypoint-initdb.d".to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
+            pod::mount("data", DATA_MOUNT, false),
+            pod::mount("config", "/etc/servicedb", true),
+            pod::mount("bootstrap", "/docker-entrypoint-initdb.d", true),
             // The read-only root filesystem needs writable socket and scratch directories.
-            VolumeMount {
-                name: "run".to_owned(),
-                mount_path: "/var/run/postgresql".to_owned(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
+            pod::mount("run", "/var/run/postgresql", false),
+            pod::mount("tmp", "/tmp", false),
         ]),
         ..Container::default()
-    };
-    let empty_dir = |name: &str| Volume {
-        name: name.to_owned(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
     };
     let volumes = vec![
         Volume {
@@ -323,8 +285,8 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
             }),
             ..Volume::default()
         },
-        empty_dir("run"),
-        empty_dir("tmp"),
+        pod::empty_dir("run"),
+        pod::empty_dir("tmp"),
     ];
     let retention = match p.deletion_policy {
         DeletionPolicy::Retain => "Retain",
@@ -360,16 +322,7 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(60),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(POSTGRES_UID),
-                        fs_group: Some(POSTGRES_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod::restricted_pod(Some(POSTGRES_UID))),
                     ..PodSpec::default()
                 }),
             },

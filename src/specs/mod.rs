@@ -4,4 +4,5 @@ pub mod bootstrap;
 pub mod credentials;
 pub mod instance;
 pub mod labels;
+pub mod pod;
 pub mod relay;

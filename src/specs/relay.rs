@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretKeySelector, SecurityContext, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, ServiceAccount, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -14,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::instance::{DATABASE_LABEL, RELAY_COMPONENT};
 use super::labels::{selector_labels, standard_labels};
+use super::pod;
 use crate::api::outbox_relay::{OutboxRelaySpec, RelayMode};
 use crate::relay::config::RelayConfig;
 
@@ -213,30 +213,10 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
         resources: p.spec.resources.clone(),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(RELAY_UID),
-            run_as_group: Some(RELAY_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(pod::restricted_container(RELAY_UID)),
         volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: CONFIG_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
+            pod::mount("config", CONFIG_DIR, true),
+            pod::mount("tmp", "/tmp", false),
         ]),
         ..Container::default()
     };
@@ -263,14 +243,7 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(30),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(pod::restricted_pod(None)),
                     volumes: Some(vec![
                         Volume {
                             name: "config".to_owned(),
@@ -280,11 +253,7 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
                             }),
                             ..Volume::default()
                         },
-                        Volume {
-                            name: "tmp".to_owned(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Volume::default()
-                        },
+                        pod::empty_dir("tmp"),
                     ]),
                     ..PodSpec::default()
                 }),
