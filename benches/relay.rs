@@ -33,7 +33,13 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// 16 clients inserting single-event outbox transactions until `deadline`; returns the count.
-async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64) -> Result<u64> {
+async fn insert_load(
+    pg: &'static Postgres,
+    db: &str,
+    seconds: u64,
+    first_n: i64,
+    aggtype: &'static str,
+) -> Result<u64> {
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -45,7 +51,7 @@ async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64
             let stmt = c
                 .prepare(
                     "INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload) \
-                     VALUES ($1, 'order', $2, 'created', $3::text::jsonb)",
+                     VALUES ($1, $4, $2, 'created', $3::text::jsonb)",
                 )
                 .await?;
             let mut i: i64 = 0;
@@ -54,7 +60,7 @@ async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64
                 let n = first_n + (i * CLIENTS as i64) + client_no as i64;
                 let agg = format!("c{client_no}-{}", i % (AGGREGATES / CLIENTS) as i64);
                 let payload = format!("{{\"agg\":\"{agg}\",\"n\":{n},\"ts\":{}}}", now_us());
-                c.execute(&stmt, &[&uuid::Uuid::new_v4(), &agg, &payload])
+                c.execute(&stmt, &[&uuid::Uuid::new_v4(), &agg, &payload, &aggtype])
                     .await?;
                 count.fetch_add(1, Ordering::Relaxed);
                 i += 1;
@@ -113,11 +119,14 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     let (sink_yaml, topic) = match sink {
         Sink::Kafka => {
             let b = kafka_bootstrap();
-            let topic = format!("bench-{tag}");
-            kafka_create_topic(&b, &topic, 4).await?;
+            // The live events get their own topic so the consumer does not read the backlog.
+            kafka_create_topic(&b, &format!("bench-{tag}-order"), 4).await?;
+            kafka_create_topic(&b, &format!("bench-{tag}-live"), 4).await?;
             (
-                format!("  kafka:\n    bootstrapServers: \"{b}\"\n    topic: \"{topic}\"\n"),
-                topic,
+                format!(
+                    "  kafka:\n    bootstrapServers: \"{b}\"\n    topic: \"bench-{tag}-{{aggregatetype}}\"\n"
+                ),
+                format!("bench-{tag}-live"),
             )
         }
         Sink::Nats => (
@@ -187,9 +196,11 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
                     .await
                 }
                 Sink::Nats => {
-                    nats_read(
+                    let filter = format!("b{}.live.>", &topic[2..]);
+                    nats_read_filtered(
                         &nats().url(),
                         &topic,
+                        Some(&filter),
                         total_hint,
                         Duration::from_secs(seconds + 40),
                     )
@@ -200,7 +211,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let live_started = Instant::now();
-    let inserted = insert_load(pg, &db, seconds, 10_000_000).await?;
+    let inserted = insert_load(pg, &db, seconds, 10_000_000, "live").await?;
     let live_secs = live_started.elapsed().as_secs_f64();
     let target = events as f64 + inserted as f64;
     let caught_up = wait_until(
@@ -249,7 +260,7 @@ fn main() -> Result<()> {
         eprintln!("relay binary: {}", bin.display());
         let pg = postgres();
         let db = pg.outbox_database("ceiling").await?;
-        let ceiling_n = insert_load(pg, &db, seconds, 0).await?;
+        let ceiling_n = insert_load(pg, &db, seconds, 0, "order").await?;
         let ceiling = ceiling_n as f64 / seconds as f64;
         eprintln!("insert ceiling: {ceiling:.0} single-event transactions/s from {CLIENTS} clients");
         let mut rows = Vec::new();
