@@ -74,6 +74,20 @@ async fn insert_load(
     Ok(count.load(Ordering::Relaxed))
 }
 
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -107,6 +121,8 @@ struct Row {
     p50: f64,
     p99: f64,
     rss: f64,
+    drain_cpu_us: f64,
+    live_cpu_us: f64,
 }
 
 async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -> Result<Row> {
@@ -179,6 +195,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     }
     let (t0, p0) = first.unwrap_or((last, 0.0));
     let drain_rate = (events as f64 - p0) / last.duration_since(t0).as_secs_f64().max(1e-3);
+    let cpu_after_drain = cpu_seconds(pid);
 
     // Live load with a consumer running.
     let consumer = {
@@ -228,6 +245,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     .await;
     let live_done = live_started.elapsed().as_secs_f64();
     let rss = peak_rss_mb(pid);
+    let live_cpu = cpu_seconds(pid) - cpu_after_drain;
     let delivered = consumer.await??;
     caught_up?;
     let mut lat: Vec<i64> = delivered
@@ -246,6 +264,8 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         rss,
+        drain_cpu_us: cpu_after_drain * 1e6 / events as f64,
+        live_cpu_us: live_cpu * 1e6 / (inserted.max(1)) as f64,
     })
 }
 
@@ -275,11 +295,11 @@ fn main() -> Result<()> {
         println!("Outbox relay benchmark: {events} backlog events, {seconds}s live load from {CLIENTS} clients, batchSize 1000");
         println!("Insert ceiling (16 clients, single-event transactions, no relay): {ceiling:.0} events/s");
         println!();
-        println!("| mode    | sink  | drain events/s | drain / insert ceiling | live inserted/s | live delivered / ceiling | p50 ms | p99 ms | peak RSS MB |");
-        println!("|---------|-------|---------------:|-----------------------:|----------------:|-------------------------:|-------:|-------:|------------:|");
+        println!("| mode    | sink  | drain events/s | drain / insert ceiling | live inserted/s | live delivered / ceiling | p50 ms | p99 ms | peak RSS MB | relay CPU µs/event drain, live |");
+        println!("|---------|-------|---------------:|-----------------------:|----------------:|-------------------------:|-------:|-------:|------------:|-------------------------------:|");
         for r in &rows {
             println!(
-                "| {:<7} | {:<5} | {:>14.0} | {:>22.2} | {:>15.0} | {:>24.2} | {:>6.1} | {:>6.1} | {:>11.1} |",
+                "| {:<7} | {:<5} | {:>14.0} | {:>22.2} | {:>15.0} | {:>24.2} | {:>6.1} | {:>6.1} | {:>11.1} | {:>15.1}, {:>13.1} |",
                 r.mode,
                 r.sink,
                 r.drain_rate,
@@ -288,7 +308,9 @@ fn main() -> Result<()> {
                 r.live_rate / ceiling,
                 r.p50,
                 r.p99,
-                r.rss
+                r.rss,
+                r.drain_cpu_us,
+                r.live_cpu_us
             );
         }
         Ok(())
