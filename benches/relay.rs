@@ -33,7 +33,13 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// 16 clients inserting single-event outbox transactions until `deadline`; returns the count.
-async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64) -> Result<u64> {
+async fn insert_load(
+    pg: &'static Postgres,
+    db: &str,
+    seconds: u64,
+    first_n: i64,
+    aggtype: &'static str,
+) -> Result<u64> {
     let count = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -45,7 +51,7 @@ async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64
             let stmt = c
                 .prepare(
                     "INSERT INTO public.outbox (id, aggregatetype, aggregateid, type, payload) \
-                     VALUES ($1, 'order', $2, 'created', $3::text::jsonb)",
+                     VALUES ($1, $4, $2, 'created', $3::text::jsonb)",
                 )
                 .await?;
             let mut i: i64 = 0;
@@ -54,7 +60,7 @@ async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64
                 let n = first_n + (i * CLIENTS as i64) + client_no as i64;
                 let agg = format!("c{client_no}-{}", i % (AGGREGATES / CLIENTS) as i64);
                 let payload = format!("{{\"agg\":\"{agg}\",\"n\":{n},\"ts\":{}}}", now_us());
-                c.execute(&stmt, &[&uuid::Uuid::new_v4(), &agg, &payload])
+                c.execute(&stmt, &[&uuid::Uuid::new_v4(), &agg, &payload, &aggtype])
                     .await?;
                 count.fetch_add(1, Ordering::Relaxed);
                 i += 1;
@@ -66,6 +72,20 @@ async fn insert_load(pg: &'static Postgres, db: &str, seconds: u64, first_n: i64
         t.await??;
     }
     Ok(count.load(Ordering::Relaxed))
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
@@ -101,6 +121,8 @@ struct Row {
     p50: f64,
     p99: f64,
     rss: f64,
+    drain_cpu_us: f64,
+    live_cpu_us: f64,
 }
 
 async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -> Result<Row> {
@@ -113,11 +135,14 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     let (sink_yaml, topic) = match sink {
         Sink::Kafka => {
             let b = kafka_bootstrap();
-            let topic = format!("bench-{tag}");
-            kafka_create_topic(&b, &topic, 4).await?;
+            // The live events get their own topic so the consumer does not read the backlog.
+            kafka_create_topic(&b, &format!("bench-{tag}-order"), 4).await?;
+            kafka_create_topic(&b, &format!("bench-{tag}-live"), 4).await?;
             (
-                format!("  kafka:\n    bootstrapServers: \"{b}\"\n    topic: \"{topic}\"\n"),
-                topic,
+                format!(
+                    "  kafka:\n    bootstrapServers: \"{b}\"\n    topic: \"bench-{tag}-{{aggregatetype}}\"\n"
+                ),
+                format!("bench-{tag}-live"),
             )
         }
         Sink::Nats => (
@@ -170,6 +195,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     }
     let (t0, p0) = first.unwrap_or((last, 0.0));
     let drain_rate = (events as f64 - p0) / last.duration_since(t0).as_secs_f64().max(1e-3);
+    let cpu_after_drain = cpu_seconds(pid);
 
     // Live load with a consumer running.
     let consumer = {
@@ -187,9 +213,11 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
                     .await
                 }
                 Sink::Nats => {
-                    nats_read(
+                    let filter = format!("b{}.live.>", &topic[2..]);
+                    nats_read_filtered(
                         &nats().url(),
                         &topic,
+                        Some(&filter),
                         total_hint,
                         Duration::from_secs(seconds + 40),
                     )
@@ -200,7 +228,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let live_started = Instant::now();
-    let inserted = insert_load(pg, &db, seconds, 10_000_000).await?;
+    let inserted = insert_load(pg, &db, seconds, 10_000_000, "live").await?;
     let live_secs = live_started.elapsed().as_secs_f64();
     let target = events as f64 + inserted as f64;
     let caught_up = wait_until(
@@ -217,6 +245,7 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
     .await;
     let live_done = live_started.elapsed().as_secs_f64();
     let rss = peak_rss_mb(pid);
+    let live_cpu = cpu_seconds(pid) - cpu_after_drain;
     let delivered = consumer.await??;
     caught_up?;
     let mut lat: Vec<i64> = delivered
@@ -235,6 +264,8 @@ async fn run_case(mode: &'static str, sink: Sink, events: usize, seconds: u64) -
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         rss,
+        drain_cpu_us: cpu_after_drain * 1e6 / events as f64,
+        live_cpu_us: live_cpu * 1e6 / (inserted.max(1)) as f64,
     })
 }
 
@@ -249,7 +280,7 @@ fn main() -> Result<()> {
         eprintln!("relay binary: {}", bin.display());
         let pg = postgres();
         let db = pg.outbox_database("ceiling").await?;
-        let ceiling_n = insert_load(pg, &db, seconds, 0).await?;
+        let ceiling_n = insert_load(pg, &db, seconds, 0, "order").await?;
         let ceiling = ceiling_n as f64 / seconds as f64;
         eprintln!("insert ceiling: {ceiling:.0} single-event transactions/s from {CLIENTS} clients");
         let mut rows = Vec::new();
@@ -264,11 +295,11 @@ fn main() -> Result<()> {
         println!("Outbox relay benchmark: {events} backlog events, {seconds}s live load from {CLIENTS} clients, batchSize 1000");
         println!("Insert ceiling (16 clients, single-event transactions, no relay): {ceiling:.0} events/s");
         println!();
-        println!("| mode    | sink  | drain events/s | drain / insert ceiling | live inserted/s | live delivered / ceiling | p50 ms | p99 ms | peak RSS MB |");
-        println!("|---------|-------|---------------:|-----------------------:|----------------:|-------------------------:|-------:|-------:|------------:|");
+        println!("| mode    | sink  | drain events/s | drain / insert ceiling | live inserted/s | live delivered / ceiling | p50 ms | p99 ms | peak RSS MB | relay CPU µs/event drain, live |");
+        println!("|---------|-------|---------------:|-----------------------:|----------------:|-------------------------:|-------:|-------:|------------:|-------------------------------:|");
         for r in &rows {
             println!(
-                "| {:<7} | {:<5} | {:>14.0} | {:>22.2} | {:>15.0} | {:>24.2} | {:>6.1} | {:>6.1} | {:>11.1} |",
+                "| {:<7} | {:<5} | {:>14.0} | {:>22.2} | {:>15.0} | {:>24.2} | {:>6.1} | {:>6.1} | {:>11.1} | {:>15.1}, {:>13.1} |",
                 r.mode,
                 r.sink,
                 r.drain_rate,
@@ -277,7 +308,9 @@ fn main() -> Result<()> {
                 r.live_rate / ceiling,
                 r.p50,
                 r.p99,
-                r.rss
+                r.rss,
+                r.drain_cpu_us,
+                r.live_cpu_us
             );
         }
         Ok(())

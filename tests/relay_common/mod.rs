@@ -459,6 +459,17 @@ pub async fn nats_read(
     n: usize,
     timeout: Duration,
 ) -> Result<Vec<Delivered>> {
+    nats_read_filtered(url, stream, None, n, timeout).await
+}
+
+/// [`nats_read`] of the subjects matching `filter` only.
+pub async fn nats_read_filtered(
+    url: &str,
+    stream: &str,
+    filter: Option<&str>,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Delivered>> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
@@ -475,6 +486,7 @@ pub async fn nats_read(
     let consumer = s
         .create_consumer(pull::OrderedConfig {
             deliver_policy: DeliverPolicy::All,
+            filter_subject: filter.unwrap_or_default().to_owned(),
             ..Default::default()
         })
         .await?;
