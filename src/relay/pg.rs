@@ -4,10 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
@@ -23,73 +19,19 @@ pub struct ConnectError {
     message: String,
 }
 
-/// Accepts any server certificate: libpq's `sslmode=require`/`prefer` encrypt without
-/// verifying, and the relay matches them.
-#[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn tls_config(mode: SslMode) -> Option<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .ok()?;
-    match mode {
-        SslMode::Disable => None,
-        SslMode::Prefer | SslMode::Require => Some(
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                .with_no_client_auth(),
-        ),
-        SslMode::VerifyFull => {
-            let roots = rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            };
-            Some(builder.with_root_certificates(roots).with_no_client_auth())
-        }
-    }
+/// The TLS settings for a mode: the operator's own (`crate::postgres::connect::tls_config`), so
+/// the relay and the operator treat `sslmode` identically. `None` for `disable`.
+fn tls_config(mode: SslMode) -> Result<Option<rustls::ClientConfig>, String> {
+    use crate::api::service_database::SslMode as Libpq;
+    let libpq = match mode {
+        SslMode::Disable => return Ok(None),
+        SslMode::Prefer => Libpq::Prefer,
+        SslMode::Require => Libpq::Require,
+        SslMode::VerifyFull => Libpq::VerifyFull,
+    };
+    crate::postgres::connect::tls_config(libpq, None)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Opens a connection; notifications on the connection wake `notify` (if given).
@@ -120,7 +62,13 @@ pub async fn connect(
         user: env.user.clone(),
         message: super::pg_error(&e),
     };
-    match tls_config(env.sslmode) {
+    let tls = tls_config(env.sslmode).map_err(|message| ConnectError {
+        host: env.host.clone(),
+        port: env.port,
+        user: env.user.clone(),
+        message,
+    })?;
+    match tls {
         None => {
             let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(err)?;
             spawn_connection(conn, notify);
