@@ -148,6 +148,10 @@ fn as_postgres(args: &[&str]) -> Vec<String> {
         "--regid=postgres",
         "--init-groups",
         "--reset-env",
+        // Changing the uid clears an inherited parent-death signal, so set it here again:
+        // without it the server outlives the test binary.
+        "--pdeathsig",
+        "KILL",
         "--",
     ]
     .iter()
