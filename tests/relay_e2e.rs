@@ -484,6 +484,25 @@ async fn logical_mode_relays_rows_the_application_deletes_right_after_insert() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_publishes_rows_written_before_its_slot_existed() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let pg = postgres();
+    let db = prepare(Mode::Logical).await?;
+    // The service writes before the relay (and so its slot) exists: a slot never streams
+    // these, so the relay must publish them from the table when it creates the slot.
+    produce(pg, &db, 300, 10, 10, "order").await?;
+    let broker = Broker::nats(nats().url());
+    let relay = Relay::start(pg, &db, &broker.config(Mode::Logical, &db, 100))?;
+    wait_active(&relay).await?;
+    // And what is written afterwards is streamed as usual.
+    produce_range(pg, &db, 300, 400, 10, 10, "order").await?;
+    let delivered = broker.read(400, Duration::from_secs(120)).await?;
+    check_delivery(&delivered, 400)
+        .map_err(|e| anyhow::anyhow!("{e}\nrelay log:\n{}", relay.log_tail()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_mode_without_a_publication_it_may_not_create_fails_naming_it() -> anyhow::Result<()>
 {
     let _serial = SERIAL.lock().await;

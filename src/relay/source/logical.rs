@@ -58,9 +58,26 @@ pub async fn run(ctx: &Ctx) -> Result<(), RelayError> {
 }
 
 async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
-    let client = pg::connect(&ctx.pg, None).await?;
+    let mut client = pg::connect(&ctx.pg, None).await?;
     ensure_publication(&client, ctx).await?;
-    ensure_slot(&client, &ctx.v.slot).await?;
+    if ensure_slot(&client, &ctx.v.slot).await? {
+        // Rows committed before the slot existed will never be streamed: publish them the Poll
+        // way first (this session now owns the slot, so it is the only claimant). Rows committed
+        // after the slot was created may go out twice (both paths); the event id dedups them.
+        let claim = super::poll::prepare_claim(&client, ctx).await?;
+        let mut drained = 0;
+        loop {
+            match super::poll::claim_and_publish(&mut client, &claim, ctx).await? {
+                super::poll::Claimed::Published(n) => drained += n,
+                super::poll::Claimed::Empty => break,
+                super::poll::Claimed::Aborted => return Ok(()),
+            }
+        }
+        tracing::info!(
+            events = drained,
+            "published the rows written before the slot existed"
+        );
+    }
     let mut stream = PgwireStream::start(&ctx.pg, &ctx.v.slot, &ctx.v.publication).await?;
     tracing::info!(slot = %ctx.v.slot, publication = %ctx.v.publication, "streaming from the slot; relaying");
     ctx.metrics.active.set(1);
@@ -135,7 +152,8 @@ async fn ensure_publication(client: &tokio_postgres::Client, ctx: &Ctx) -> Resul
     }
 }
 
-async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), RelayError> {
+/// Make sure the slot exists; true when this call created it.
+async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<bool, RelayError> {
     let rows = client
         .query(
             "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1",
@@ -149,7 +167,7 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
                 "replication slot {slot} exists but uses plugin {plugin:?}, not pgoutput"
             )));
         }
-        return Ok(());
+        return Ok(false);
     }
     match client
         .query(
@@ -160,9 +178,9 @@ async fn ensure_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), 
     {
         Ok(_) => {
             tracing::info!(%slot, "created the replication slot");
-            Ok(())
+            Ok(true)
         }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(false),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             Err(RelayError::Setup(format!(
                 "replication slot {slot} does not exist and this role cannot create it: the role needs the REPLICATION attribute ({})",

@@ -71,77 +71,109 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
     if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
         tracing::debug!(error = %e, "LISTEN failed; relying on the poll interval");
     }
-    let q = table.quoted();
-    // Claim = delete in an open transaction, committed only after every ack. `FOR UPDATE SKIP
-    // LOCKED` would need the UPDATE privilege; the relay role has SELECT and DELETE only, and
-    // the advisory lock already makes this session the only claimant. A rolled-back claim
-    // (crash, broker down, shutdown) leaves the rows in place. The sub-select sees every
-    // committed row, late commits included: there is no `seq > last_seen` anywhere.
-    let claim = client
-        .prepare(&format!(
-            "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} ORDER BY seq LIMIT $1) \
-             RETURNING seq, id, aggregatetype, aggregateid, type, payload::text, headers::text, \
-             extract(epoch from created_at)::float8"
-        ))
-        .await?;
-    let limit = i64::from(ctx.v.config.batch_size);
+    let claim = prepare_claim(&client, ctx).await?;
     let interval = Duration::from_millis(ctx.v.config.poll_interval_ms);
     loop {
         if ctx.shutdown.is_cancelled() {
             return Ok(());
         }
-        let started = Instant::now();
-        let tx = client.transaction().await?;
-        let rows = tx.query(&claim, &[&limit]).await?;
-        if rows.is_empty() {
-            tx.commit().await?;
-            tokio::select! {
-                () = notify.notified() => {}
-                () = tokio::time::sleep(interval) => {}
-                () = ctx.shutdown.cancelled() => return Ok(()),
+        match claim_and_publish(&mut client, &claim, ctx).await? {
+            Claimed::Published(_) => {}
+            Claimed::Aborted => return Ok(()),
+            Claimed::Empty => {
+                tokio::select! {
+                    () = notify.notified() => {}
+                    () = tokio::time::sleep(interval) => {}
+                    () = ctx.shutdown.cancelled() => return Ok(()),
+                }
             }
-            continue;
-        }
-        let mut claimed = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let seq: i64 = r.try_get(0)?;
-            let created: Option<f64> = r.try_get(7)?;
-            let ev = OutboxEvent {
-                id: r.try_get(1)?,
-                aggregatetype: r.try_get(2)?,
-                aggregateid: r.try_get(3)?,
-                event_type: r.try_get(4)?,
-                payload: r.try_get(5)?,
-                headers: r.try_get(6)?,
-                created_at: created
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                    .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s)),
-            };
-            claimed.push((seq, ev));
-        }
-        drop(rows);
-        // RETURNING has no order: publish in `seq` order.
-        claimed.sort_unstable_by_key(|(seq, _)| *seq);
-        let events: Vec<OutboxEvent> = claimed.into_iter().map(|(_, e)| e).collect();
-        match ctx.publisher.publish(&events).await {
-            Ok(()) => {}
-            // Dropping `tx` rolls the claim back: the rows stay for the next relay.
-            Err(PublishError::Aborted) => return Ok(()),
-            Err(e @ PublishError::Rejected { .. }) => return Err(RelayError::Publish(e)),
-        }
-        tx.commit().await?;
-        ctx.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(oldest) = events.first().and_then(|e| e.created_at) {
-            tracing::trace!(
-                events = events.len(),
-                age_ms = SystemTime::now()
-                    .duration_since(oldest)
-                    .unwrap_or_default()
-                    .as_millis() as u64,
-                "batch committed"
-            );
         }
     }
+}
+
+/// What one claim did.
+pub(super) enum Claimed {
+    /// The outbox was empty.
+    Empty,
+    /// This many events were published and their rows deleted.
+    Published(usize),
+    /// Shutdown interrupted publishing; the claim was rolled back.
+    Aborted,
+}
+
+/// The claim statement: delete a batch in an open transaction, committed only after every ack.
+/// `FOR UPDATE SKIP LOCKED` would need the UPDATE privilege; the relay role has SELECT and
+/// DELETE only, and the caller is the only claimant (advisory lock, or the slot in Logical
+/// mode). A rolled-back claim (crash, broker down, shutdown) leaves the rows in place. The
+/// sub-select sees every committed row, late commits included: there is no `seq > last_seen`.
+pub(super) async fn prepare_claim(
+    client: &tokio_postgres::Client,
+    ctx: &Ctx,
+) -> Result<tokio_postgres::Statement, RelayError> {
+    let q = ctx.v.table.quoted();
+    Ok(client
+        .prepare(&format!(
+            "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} ORDER BY seq LIMIT $1) \
+             RETURNING seq, id, aggregatetype, aggregateid, type, payload::text, headers::text, \
+             extract(epoch from created_at)::float8"
+        ))
+        .await?)
+}
+
+/// Claim one batch, publish it in `seq` order, wait for every ack, then commit the delete.
+pub(super) async fn claim_and_publish(
+    client: &mut tokio_postgres::Client,
+    claim: &tokio_postgres::Statement,
+    ctx: &Ctx,
+) -> Result<Claimed, RelayError> {
+    let limit = i64::from(ctx.v.config.batch_size);
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let rows = tx.query(claim, &[&limit]).await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Claimed::Empty);
+    }
+    let mut claimed = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let seq: i64 = r.try_get(0)?;
+        let created: Option<f64> = r.try_get(7)?;
+        let ev = OutboxEvent {
+            id: r.try_get(1)?,
+            aggregatetype: r.try_get(2)?,
+            aggregateid: r.try_get(3)?,
+            event_type: r.try_get(4)?,
+            payload: r.try_get(5)?,
+            headers: r.try_get(6)?,
+            created_at: created
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| UNIX_EPOCH + Duration::from_secs_f64(s)),
+        };
+        claimed.push((seq, ev));
+    }
+    drop(rows);
+    // RETURNING has no order: publish in `seq` order.
+    claimed.sort_unstable_by_key(|(seq, _)| *seq);
+    let events: Vec<OutboxEvent> = claimed.into_iter().map(|(_, e)| e).collect();
+    match ctx.publisher.publish(&events).await {
+        Ok(()) => {}
+        // Dropping `tx` rolls the claim back: the rows stay for the next relay.
+        Err(PublishError::Aborted) => return Ok(Claimed::Aborted),
+        Err(e @ PublishError::Rejected { .. }) => return Err(RelayError::Publish(e)),
+    }
+    tx.commit().await?;
+    ctx.metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(oldest) = events.first().and_then(|e| e.created_at) {
+        tracing::trace!(
+            events = events.len(),
+            age_ms = SystemTime::now()
+                .duration_since(oldest)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            "batch committed"
+        );
+    }
+    Ok(Claimed::Published(events.len()))
 }
