@@ -14,4 +14,4 @@ fi
 
 cargo build --bins
 # Integration tests mostly wait on real components, so more threads than cores pays off.
-cargo test --all-targets -- --test-threads="${SERVICEDB_TEST_THREADS:-4}"
+cargo test --lib --bins --tests -- --test-threads="${SERVICEDB_TEST_THREADS:-4}"
