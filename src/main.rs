@@ -44,6 +44,10 @@ enum Command {
         /// Seconds between drift-check resyncs of every object.
         #[arg(long, env = "SERVICEDB_RESYNC_SECONDS", default_value_t = 300)]
         resync_seconds: u64,
+        /// Seconds a deletion keeps retrying cleanup outside the cluster (dropping a database or
+        /// a replication slot) before it gives up with a Warning Event and lets the object go.
+        #[arg(long, env = "SERVICEDB_CLEANUP_TIMEOUT_SECONDS", default_value_t = 600)]
+        cleanup_timeout_seconds: u64,
     },
     /// Run one outbox relay: move committed outbox events to Kafka or NATS JetStream.
     /// The database comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE.
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             watch_namespace,
             concurrency,
             resync_seconds,
+            cleanup_timeout_seconds,
         } => {
             servicedb::telemetry::init();
             let settings = servicedb::operator::Settings {
@@ -78,6 +83,7 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 resync: std::time::Duration::from_secs(resync_seconds),
                 watch_namespace,
+                cleanup_timeout: std::time::Duration::from_secs(cleanup_timeout_seconds),
                 ..servicedb::operator::Settings::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,15 @@ pub struct WriteLabels {
     pub resource: String,
 }
 
+/// Labels naming one object.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
 /// Operator metrics. Cloning shares the underlying values.
 #[derive(Clone, Debug)]
 pub struct OperatorMetrics {
@@ -40,6 +50,12 @@ pub struct OperatorMetrics {
     pub duration: Family<KindLabels, Histogram, fn() -> Histogram>,
     /// Objects and statuses written to the apiserver: stays flat while nothing changes.
     pub writes: Family<WriteLabels, Counter>,
+    /// Deletions that gave up on cleanup outside the cluster after the cleanup timeout, by kind
+    /// (the database or slot was left on the server; an Event names it).
+    pub cleanups_abandoned: Family<KindLabels, Counter>,
+    /// Replication slots of a ServiceDatabase's database that belong to no OutboxRelay any
+    /// more and could not be dropped yet (retried on every reconcile), by ServiceDatabase.
+    pub leaked_slots: Family<ObjectLabels, Gauge>,
 }
 
 impl OperatorMetrics {
@@ -55,6 +71,8 @@ impl OperatorMetrics {
             errors: Family::default(),
             duration: Family::new_with_constructor(histogram),
             writes: Family::default(),
+            cleanups_abandoned: Family::default(),
+            leaked_slots: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("servicedb_operator");
         r.register("reconciles", "Reconciles run", metrics.reconciles.clone());
@@ -73,7 +91,42 @@ impl OperatorMetrics {
             "Objects and statuses written to the apiserver",
             metrics.writes.clone(),
         );
+        r.register(
+            "cleanups_abandoned",
+            "Deletions that gave up on cleanup outside the cluster after the cleanup timeout",
+            metrics.cleanups_abandoned.clone(),
+        );
+        r.register(
+            "leaked_replication_slots",
+            "Replication slots left by deleted OutboxRelays that could not be dropped yet",
+            metrics.leaked_slots.clone(),
+        );
         metrics
+    }
+
+    /// Record a deletion of `kind` that gave up on its cleanup.
+    pub fn abandoned_cleanup(&self, kind: &str) {
+        self.cleanups_abandoned
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Set the number of leaked slots of ServiceDatabase `namespace/name`; a zero removes the
+    /// series so the label set stays bounded by the objects that have a problem.
+    pub fn set_leaked_slots(&self, namespace: &str, name: &str, count: usize) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        if count == 0 {
+            self.leaked_slots.remove(&labels);
+        } else {
+            self.leaked_slots
+                .get_or_create(&labels)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Record one reconcile of `kind` that took `seconds` and failed with `error_category`, if any.

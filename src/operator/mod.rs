@@ -4,6 +4,7 @@ pub mod apply;
 pub mod conditions;
 pub mod metrics;
 pub mod outbox_relay;
+pub mod secret_guard;
 pub mod service_database;
 
 use std::sync::Arc;
@@ -39,6 +40,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Watch only this namespace (a namespace-scoped install); all namespaces when `None`.
     pub watch_namespace: Option<String>,
+    /// How long a deletion retries cleanup outside the cluster (drop a database, a slot) before
+    /// it gives up with a Warning Event and a metric, so no namespace deletion hangs forever.
+    pub cleanup_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +54,7 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
             watch_namespace: None,
+            cleanup_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -137,6 +142,18 @@ impl Context {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }
+}
+
+/// How long `obj` has been waiting for its deletion to finish (zero when not being deleted).
+pub fn deleting_for<K: Resource<DynamicType = ()>>(obj: &K) -> Duration {
+    obj.meta()
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| {
+            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            Duration::try_from(elapsed).ok()
+        })
+        .unwrap_or_default()
 }
 
 /// The per-object key of the retry backoff: `<kind>/<namespace>/<name>`.

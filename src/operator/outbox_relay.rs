@@ -49,13 +49,13 @@ pub enum Error {
     /// Writing status failed.
     #[error("could not write status: {0}")]
     Status(#[source] kube::Error),
-    /// Dropping the slot failed.
-    #[error("could not drop replication slot {slot}: {source}")]
-    DropSlot {
+    /// Dropping the slot failed (or the server could not be reached to drop it).
+    #[error("could not drop replication slot {slot}: {message}")]
+    SlotNotDropped {
         /// Slot name.
         slot: String,
-        /// Cause.
-        source: crate::postgres::slots::SlotError,
+        /// Why.
+        message: String,
     },
     /// Looking up the database connection failed.
     #[error(transparent)]
@@ -75,7 +75,7 @@ impl super::Categorized for Error {
             Error::Read { .. } => "ReadFailed",
             Error::Render(_) => "RenderFailed",
             Error::Status(_) => "StatusFailed",
-            Error::DropSlot { .. } => "DropSlotFailed",
+            Error::SlotNotDropped { .. } => "DropSlotFailed",
             Error::Database(e) => e.category(),
             Error::Finalizer(_) => "FinalizerFailed",
             Error::NoNamespace => "NoNamespace",
@@ -373,6 +373,7 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
         source,
     })?
     else {
+        ctx.metrics.abandoned_cleanup("OutboxRelay");
         ctx.event(
             relay,
             EventType::Warning,
@@ -386,51 +387,60 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     let key = super::object_key(relay);
-    match admin_connection(ctx, &sdb).await.map_err(Box::new)? {
-        Ok(admin) => match crate::postgres::slots::drop_slot(
-            &admin.with_dbname(sdb.spec.database_name()),
-            &slot,
-        )
-        .await
-        {
-            Ok(dropped) => {
-                if dropped {
-                    ctx.event(
-                        relay,
-                        EventType::Normal,
-                        "SlotDropped",
-                        "DropSlot",
-                        format!("dropped replication slot {slot}"),
-                    )
-                    .await;
-                }
-                ctx.backoff.reset(&key);
-                Ok(Action::await_change())
-            }
-            Err(source) => {
+    let result = match admin_connection(ctx, &sdb).await.map_err(Box::new)? {
+        Ok(admin) => {
+            crate::postgres::slots::drop_slot(&admin.with_dbname(sdb.spec.database_name()), &slot)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Err(message) => Err(message),
+    };
+    match result {
+        Ok(dropped) => {
+            if dropped {
                 ctx.event(
                     relay,
-                    EventType::Warning,
-                    "DropSlotFailed",
+                    EventType::Normal,
+                    "SlotDropped",
                     "DropSlot",
-                    format!(
-                        "{source}; retrying. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go"
-                    ),
+                    format!("dropped replication slot {slot}"),
                 )
                 .await;
-                Err(Error::DropSlot { slot, source })
             }
-        },
-        Err(message) => {
+            ctx.backoff.reset(&key);
+            Ok(Action::await_change())
+        }
+        Err(why) if super::deleting_for(relay) >= ctx.settings.cleanup_timeout => {
+            // Never wedge a deletion forever, never leak silently: the Event and the metric say
+            // what is left, and the ServiceDatabase's reconcile drops orphaned relay slots of
+            // its database as soon as it can reach the server.
+            ctx.metrics.abandoned_cleanup("OutboxRelay");
             ctx.event(
                 relay,
                 EventType::Warning,
-                "SlotNotDropped",
+                "SlotDropAbandoned",
                 "DropSlot",
-                format!("{message}: slot {slot} left in place"),
+                format!(
+                    "{why}; gave up after {:?}: replication slot {slot} is left on the server; ServiceDatabase {sdb_name} drops it once it can reach the server",
+                    ctx.settings.cleanup_timeout
+                ),
             )
             .await;
             Ok(Action::await_change())
+        }
+        Err(why) => {
+            ctx.event(
+                relay,
+                EventType::Warning,
+                "DropSlotFailed",
+                "DropSlot",
+                format!(
+                    "{why}; retrying for up to {:?} after deletion. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go",
+                    ctx.settings.cleanup_timeout
+                ),
+            )
+            .await;
+            Err(Error::SlotNotDropped { slot, message: why })
         }
     }
 }

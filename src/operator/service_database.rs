@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -67,6 +68,12 @@ pub enum Error {
     /// Dropping the database failed.
     #[error("{0}")]
     Deprovision(#[from] postgres::deprovision::DeprovisionError),
+    /// Holding or releasing the Secret cleanup needs failed.
+    #[error(transparent)]
+    Guard(#[from] super::secret_guard::GuardError),
+    /// Reading replication slots failed.
+    #[error("{0}")]
+    Slots(#[from] postgres::slots::SlotError),
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -91,6 +98,8 @@ impl super::Categorized for Error {
             Error::Status(_) => "StatusFailed",
             Error::Provision(e) => e.category(),
             Error::Deprovision(e) => e.category(),
+            Error::Guard(_) => "SecretGuardFailed",
+            Error::Slots(e) => e.category(),
             Error::Finalizer(_) => "FinalizerFailed",
             Error::NoNamespace => "NoNamespace",
             Error::Invalid { reason, .. } => reason,
@@ -103,6 +112,9 @@ impl super::Categorized for Error {
 pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<Action, Error> {
     super::observed::<ServiceDatabase, _>(&ctx, async {
         let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
+        if let Some(wait) = wait_for_relays_to_go(&sdb, &ctx, &ns).await? {
+            return Ok(wait);
+        }
         let api: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
         finalizer(&api, FINALIZER, sdb, |event| async {
             match event {
@@ -114,6 +126,33 @@ pub async fn reconcile(sdb: Arc<ServiceDatabase>, ctx: Arc<Context>) -> Result<A
         .map_err(|e| Error::Finalizer(Box::new(e)))
     })
     .await
+}
+
+/// A ServiceDatabase being deleted waits (bounded by the cleanup timeout) until the
+/// OutboxRelays of its database that are being deleted too are gone: their cleanup drops their
+/// replication slots through this database's admin credentials, which must still be there. In
+/// a namespace deletion everything is deleted at once; this is what orders it.
+async fn wait_for_relays_to_go(
+    sdb: &ServiceDatabase,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<Action>, Error> {
+    let deleting = sdb.meta().deletion_timestamp.is_some();
+    let ours = sdb.finalizers().iter().any(|f| f == FINALIZER);
+    if !deleting || !ours || super::deleting_for(sdb) >= ctx.settings.cleanup_timeout {
+        return Ok(None);
+    }
+    let going: Vec<String> = relays_of(ctx, ns, &sdb.name_any())
+        .await?
+        .iter()
+        .filter(|r| r.meta().deletion_timestamp.is_some())
+        .map(ResourceExt::name_any)
+        .collect();
+    if going.is_empty() {
+        return Ok(None);
+    }
+    info!(relays = ?going, "waiting for the relays being deleted to drop their slots");
+    Ok(Some(Action::requeue(Duration::from_secs(2))))
 }
 
 /// Transient errors retry with a per-object exponential backoff (capped at five minutes).
@@ -145,7 +184,11 @@ struct Invalid {
 }
 
 fn desire(sdb: &ServiceDatabase, relays: &[OutboxRelay]) -> Result<Desire, Invalid> {
-    let logical_relay = relays.iter().any(|r| r.spec.mode == RelayMode::Logical);
+    // A relay being deleted keeps its slot until its own cleanup drops it; wal_level stays
+    // logical for that slot by the instance's slot check, not by this flag.
+    let logical_relay = relays
+        .iter()
+        .any(|r| r.spec.mode == RelayMode::Logical && r.meta().deletion_timestamp.is_none());
     let roles = RoleNames::for_service(&sdb.spec.owner.service).map_err(|e| Invalid {
         reason: "InvalidOwnerService",
         message: e.to_string(),
@@ -163,7 +206,7 @@ fn desire(sdb: &ServiceDatabase, relays: &[OutboxRelay]) -> Result<Desire, Inval
     })
 }
 
-/// Relays in the namespace that publish this database's outbox.
+/// Relays in the namespace that publish this database's outbox, including those being deleted.
 async fn relays_of(ctx: &Context, ns: &str, name: &str) -> Result<Vec<OutboxRelay>, Error> {
     let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), ns);
     let list = api
@@ -176,7 +219,7 @@ async fn relays_of(ctx: &Context, ns: &str, name: &str) -> Result<Vec<OutboxRela
     Ok(list
         .items
         .into_iter()
-        .filter(|r| r.spec.database_ref.name == name && r.meta().deletion_timestamp.is_none())
+        .filter(|r| r.spec.database_ref.name == name)
         .collect())
 }
 
@@ -367,6 +410,29 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     k8s_openapi::ByteString(bootstrap_sql.into_bytes()),
                 );
                 ctx.apply(&ns, su_secret).await?;
+                // Relays drop their slots with this Secret when everything is deleted at once.
+                super::secret_guard::hold(ctx, &ns, &desire.names.superuser_secret(), &name)
+                    .await?;
+                let admin = ConnectParams {
+                    connect_timeout: ctx.settings.connect_timeout,
+                    ..ConnectParams::new(
+                        host.clone(),
+                        POSTGRES_PORT as u16,
+                        "postgres",
+                        superuser.password.clone(),
+                        "postgres",
+                    )
+                };
+                let spec_needs_logical = desire.logical_relay || sdb.spec.cdc.is_some();
+                let logical_decoding = spec_needs_logical
+                    || logical_decoding_still_needed(
+                        ctx,
+                        sdb,
+                        &ns,
+                        &desire.names.instance(),
+                        &admin,
+                    )
+                    .await?;
 
                 let owner_pods =
                     sdb.spec.owner.pod_selector.clone().unwrap_or_else(|| {
@@ -378,7 +444,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     owner: owner.clone(),
                     managed,
                     deletion_policy: sdb.spec.deletion_policy,
-                    logical_decoding: desire.logical_relay || sdb.spec.cdc.is_some(),
+                    logical_decoding,
                     owner_pods,
                     operator_namespace: ctx.settings.operator_namespace.as_deref(),
                     config_checksum: String::new(),
@@ -416,16 +482,6 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     .await;
                 }
                 let ready = instance_pod_ready(ctx, &ns, &name).await?;
-                let admin = ConnectParams {
-                    connect_timeout: ctx.settings.connect_timeout,
-                    ..ConnectParams::new(
-                        host,
-                        POSTGRES_PORT as u16,
-                        "postgres",
-                        superuser.password.clone(),
-                        "postgres",
-                    )
-                };
                 // A Ready instance ran its bootstrap, so it holds every password that was in it.
                 if ready {
                     for c in creds.iter_mut().filter(|c| c.bootstrap) {
@@ -452,6 +508,20 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                 let text = format!("external, {}:{}", external.host, external.port);
                 match admin {
                     Ok(admin) => {
+                        let admin_secret = external.admin_secret_ref.name.as_str();
+                        super::secret_guard::hold(ctx, &ns, admin_secret, &name).await?;
+                        if sdb.status.as_ref().and_then(|s| s.observed_generation)
+                            != sdb.meta().generation
+                        {
+                            // The admin Secret reference may have changed: release the old one.
+                            super::secret_guard::release_all_except(
+                                ctx,
+                                &ns,
+                                &[admin_secret],
+                                &name,
+                            )
+                            .await?;
+                        }
                         let ssl = external.ssl_mode.as_libpq().to_owned();
                         (
                             Target {
@@ -642,6 +712,9 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         }
     }
 
+    if let Some(admin) = &target.admin {
+        collect_orphaned_slots(ctx, sdb, &ns, admin, &database, &relays).await;
+    }
     conds.push(Desired::ok(
         "Ready",
         "Provisioned",
@@ -799,6 +872,137 @@ async fn external_admin(
     }))
 }
 
+/// What `wal_level` a managed instance whose spec no longer needs logical decoding gets.
+#[derive(Debug, PartialEq, Eq)]
+enum WalLevel {
+    /// `replica`: nothing needs logical decoding and no logical slot is left.
+    Lower,
+    /// Stay `logical` for the given reason: Postgres refuses to start with `wal_level=replica`
+    /// while a logical slot exists, so it is lowered only after every one is gone (checked).
+    Keep(String),
+}
+
+/// Decides whether an instance running with `wal_level=logical` that its spec no longer needs
+/// may restart with `replica`, from the instance's logical slots (pure).
+fn lower_wal_level(slots: Result<&[String], &str>) -> WalLevel {
+    match slots {
+        Ok([]) => WalLevel::Lower,
+        Ok(slots) => WalLevel::Keep(format!(
+            "logical replication slots still exist: {}",
+            slots.join(", ")
+        )),
+        Err(why) => WalLevel::Keep(format!(
+            "could not check the instance for logical replication slots ({why})"
+        )),
+    }
+}
+
+/// True when the instance must keep `wal_level=logical` although the spec no longer asks for
+/// it: it runs with it today and a logical slot remains (or could not be ruled out).
+async fn logical_decoding_still_needed(
+    ctx: &Context,
+    sdb: &ServiceDatabase,
+    ns: &str,
+    stateful_set: &str,
+    admin: &ConnectParams,
+) -> Result<bool, Error> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let running_logical = api
+        .get_opt(stateful_set)
+        .await
+        .map_err(|source| Error::Read {
+            what: format!("StatefulSet {stateful_set}"),
+            source,
+        })?
+        .and_then(|sts| sts.spec)
+        .and_then(|spec| spec.template.spec)
+        .is_some_and(|pod| {
+            pod.containers
+                .iter()
+                .any(|c| c.args.iter().flatten().any(|a| a == "wal_level=logical"))
+        });
+    if !running_logical {
+        return Ok(false);
+    }
+    let slots = postgres::slots::logical_slots(admin, None).await;
+    let decision = lower_wal_level(match &slots {
+        Ok(s) => Ok(s.as_slice()),
+        Err(e) => Err(e.category()),
+    });
+    match decision {
+        WalLevel::Lower => {
+            info!("no logical slot is left: lowering wal_level to replica");
+            Ok(false)
+        }
+        WalLevel::Keep(why) => {
+            ctx.event(
+                sdb,
+                EventType::Normal,
+                "WalLevelKept",
+                "Apply",
+                format!("wal_level stays logical: {why}"),
+            )
+            .await;
+            Ok(true)
+        }
+    }
+}
+
+/// Drops the replication slots of this database that a deleted OutboxRelay left behind (its
+/// cleanup could not reach the server, or gave up): a slot nobody reads pins WAL forever.
+/// Best effort and repeated on every reconcile; what cannot be dropped is counted in
+/// `servicedb_operator_leaked_replication_slots` and reported in an Event.
+async fn collect_orphaned_slots(
+    ctx: &Context,
+    sdb: &ServiceDatabase,
+    ns: &str,
+    admin: &ConnectParams,
+    database: &str,
+    relays: &[OutboxRelay],
+) {
+    let found = match postgres::slots::logical_slots(admin, Some(database)).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the replication slots of the database");
+            return;
+        }
+    };
+    let in_use: Vec<String> = relays
+        .iter()
+        .map(|r| crate::specs::relay::slot_name(ns, &r.name_any()))
+        .collect();
+    let mut leaked = 0;
+    for slot in postgres::slots::orphaned_relay_slots(&found, &in_use) {
+        match postgres::slots::drop_slot(admin, &slot).await {
+            Ok(_) => {
+                ctx.event(
+                    sdb,
+                    EventType::Normal,
+                    "OrphanedSlotDropped",
+                    "DropSlot",
+                    format!("dropped replication slot {slot}: its OutboxRelay is gone"),
+                )
+                .await;
+            }
+            Err(e) => {
+                leaked += 1;
+                ctx.event(
+                    sdb,
+                    EventType::Warning,
+                    "OrphanedSlotNotDropped",
+                    "DropSlot",
+                    format!(
+                        "replication slot {slot} belongs to no OutboxRelay and pins WAL; dropping it failed ({}), retrying",
+                        e.category()
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    ctx.metrics.set_leaked_slots(ns, &sdb.name_any(), leaked);
+}
+
 /// Whether the managed instance's pod reports Ready.
 async fn instance_pod_ready(ctx: &Context, ns: &str, name: &str) -> Result<bool, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -875,6 +1079,10 @@ async fn write_status(
 }
 
 /// Deletion: keep or drop the data as the policy says, never wedge a namespace deletion.
+///
+/// Cleanup outside the cluster (dropping an external database) is retried with backoff while it
+/// fails (the finalizer stays); after `--cleanup-timeout` it gives up with a Warning Event and a
+/// metric and lets the object go — leaving the data in place, never losing it by accident.
 async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> {
     let ns = sdb.namespace().ok_or(Error::NoNamespace)?;
     let name = sdb.name_any();
@@ -917,79 +1125,93 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
         }
         DeletionPolicy::Delete => {
             if let Some(external) = &sdb.spec.instance.external {
-                let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                match external_admin(ctx, &secrets, external).await? {
-                    Ok(admin) => {
-                        let desire = desire(sdb, &[]).map_err(|i| Error::Invalid {
-                            reason: i.reason,
-                            message: i.message,
-                        })?;
-                        let roles = [
-                            desire.roles.app.clone(),
-                            desire.roles.relay.clone(),
-                            desire.roles.cdc.clone(),
-                        ];
-                        match postgres::deprovision::deprovision(
-                            &admin,
-                            &desire.plan.database,
-                            &roles,
+                if let Err(failure) = drop_external_database(sdb, ctx, &ns, external).await {
+                    let gave_up = super::deleting_for(sdb) >= ctx.settings.cleanup_timeout;
+                    let message = if gave_up {
+                        format!(
+                            "{failure}; gave up after {:?}: database {} and its roles are left on the server",
+                            ctx.settings.cleanup_timeout,
+                            sdb.spec.database_name()
                         )
-                        .await
-                        {
-                            Ok(report) => {
-                                ctx.backoff.reset(&key);
-                                ctx.event(
-                                    sdb,
-                                    EventType::Normal,
-                                    "Deprovisioned",
-                                    "Delete",
-                                    format!("dropped: {}", report.changes.join("; ")),
-                                )
-                                .await;
-                            }
-                            Err(e) => {
-                                let message = format!(
-                                    "{e}; retrying with backoff. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without dropping the database"
-                                );
-                                ctx.event(
-                                    sdb,
-                                    EventType::Warning,
-                                    "CleanupFailed",
-                                    "Delete",
-                                    message.clone(),
-                                )
-                                .await;
-                                let _ = write_status(
-                                    ctx,
-                                    sdb,
-                                    Phase::Deleting,
-                                    None,
-                                    None,
-                                    vec![Desired::fail("Ready", "CleanupFailed", message)],
-                                )
-                                .await;
-                                return Err(e.into());
-                            }
-                        }
-                    }
-                    Err(message) => {
-                        ctx.event(
+                    } else {
+                        format!(
+                            "{failure}; retrying with backoff for up to {:?} after deletion. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without dropping the database",
+                            ctx.settings.cleanup_timeout
+                        )
+                    };
+                    let reason = if gave_up {
+                        "CleanupAbandoned"
+                    } else {
+                        "CleanupFailed"
+                    };
+                    ctx.event(sdb, EventType::Warning, reason, "Delete", message.clone())
+                        .await;
+                    if !gave_up {
+                        let _ = write_status(
+                            ctx,
                             sdb,
-                            EventType::Warning,
-                            "CleanupFailed",
-                            "Delete",
-                            format!("{message}; set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go"),
+                            Phase::Deleting,
+                            None,
+                            None,
+                            vec![Desired::fail("Ready", "CleanupFailed", message)],
                         )
                         .await;
-                        return Ok(Action::requeue(ctx.backoff.next(&key)));
+                        return Err(failure);
                     }
+                    ctx.metrics.abandoned_cleanup("ServiceDatabase");
+                } else {
+                    ctx.backoff.reset(&key);
                 }
             }
             // Managed: the StatefulSet's PVC retention policy (whenDeleted: Delete) and garbage
             // collection of the owned children remove the rest.
         }
     }
+    // Cleanup is done: let go of the Secrets it needed (the last hold lets a namespace go).
+    super::secret_guard::release_all_except(ctx, &ns, &[], &name).await?;
     Ok(Action::await_change())
+}
+
+/// Drops an external database and its roles (deletionPolicy Delete).
+async fn drop_external_database(
+    sdb: &ServiceDatabase,
+    ctx: &Context,
+    ns: &str,
+    external: &ExternalInstance,
+) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let admin = match external_admin(ctx, &secrets, external).await? {
+        Ok(admin) => admin,
+        Err(message) => {
+            return Err(Error::Invalid {
+                reason: "AdminSecretMissing",
+                message,
+            });
+        }
+    };
+    let desire = desire(sdb, &[]).map_err(|i| Error::Invalid {
+        reason: i.reason,
+        message: i.message,
+    })?;
+    let roles = [
+        desire.roles.app.clone(),
+        desire.roles.relay.clone(),
+        desire.roles.cdc.clone(),
+    ];
+    let report = postgres::deprovision::deprovision(&admin, &desire.plan.database, &roles).await?;
+    ctx.event(
+        sdb,
+        EventType::Normal,
+        "Deprovisioned",
+        "Delete",
+        if report.changes.is_empty() {
+            "nothing to drop: the database and roles were already gone".to_owned()
+        } else {
+            format!("dropped: {}", report.changes.join("; "))
+        },
+    )
+    .await;
+    Ok(())
 }
 
 async fn orphan_secret(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
@@ -1062,5 +1284,24 @@ pub async fn admin_connection(
             })
         }
         (None, None) => Ok(Err("the ServiceDatabase names no instance".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_level_is_lowered_only_when_no_logical_slot_is_left() {
+        assert_eq!(lower_wal_level(Ok(&[])), WalLevel::Lower);
+        let slots = ["obr_orders_events_1a2b3c4d".to_owned()];
+        assert!(matches!(
+            lower_wal_level(Ok(&slots)),
+            WalLevel::Keep(why) if why.contains("obr_orders_events_1a2b3c4d")
+        ));
+        assert!(matches!(
+            lower_wal_level(Err("ServerUnreachable")),
+            WalLevel::Keep(why) if why.contains("could not check")
+        ));
     }
 }

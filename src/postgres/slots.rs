@@ -75,6 +75,43 @@ impl SlotError {
     }
 }
 
+/// The prefix of every replication slot an OutboxRelay creates (see
+/// `crate::specs::relay::slot_name`): the operator recognises its relays' slots by it.
+pub const RELAY_SLOT_PREFIX: &str = "obr_";
+
+/// Names of the logical replication slots on the server: in `database` only, or in every
+/// database when `None` (a managed instance may lower `wal_level` only when there is none).
+pub async fn logical_slots(
+    admin: &ConnectParams,
+    database: Option<&str>,
+) -> Result<Vec<String>, SlotError> {
+    let client = connect(&admin.for_ddl())
+        .await
+        .map_err(SlotError::Connect)?;
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots \
+             WHERE slot_type = 'logical' AND ($1::text IS NULL OR database = $1) ORDER BY 1",
+            &[&database],
+        )
+        .await
+        .map_err(|e| SlotError::Lookup {
+            slot: "(all logical slots)".to_owned(),
+            source: e.into(),
+        })?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The relay slots in `database` that belong to none of `in_use` (slot names of the
+/// OutboxRelays that still exist): left behind by a relay whose cleanup could not drop them.
+pub fn orphaned_relay_slots(found: &[String], in_use: &[String]) -> Vec<String> {
+    found
+        .iter()
+        .filter(|s| s.starts_with(RELAY_SLOT_PREFIX) && !in_use.contains(s))
+        .cloned()
+        .collect()
+}
+
 /// Drops replication slot `slot` if it exists; `Ok(false)` when there was nothing to drop.
 /// `admin` may point at any database: slots are cluster-wide for this purpose.
 pub async fn drop_slot(admin: &ConnectParams, slot: &str) -> Result<bool, SlotError> {
@@ -152,5 +189,25 @@ pub async fn drop_slot_with(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_relay_slots_without_a_relay_are_orphans() {
+        let found = vec![
+            "obr_orders_events_1a2b3c4d".to_owned(),
+            "obr_gone_relay_deadbeef".to_owned(),
+            "debezium_orders".to_owned(),
+        ];
+        let in_use = vec!["obr_orders_events_1a2b3c4d".to_owned()];
+        assert_eq!(
+            orphaned_relay_slots(&found, &in_use),
+            vec!["obr_gone_relay_deadbeef".to_owned()]
+        );
+        assert!(orphaned_relay_slots(&found[..1], &in_use).is_empty());
     }
 }

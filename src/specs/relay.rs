@@ -76,7 +76,10 @@ pub fn slot_name(namespace: &str, name: &str) -> String {
         })
         .take(40)
         .collect();
-    format!("obr_{stem}_{suffix}")
+    format!(
+        "{}{stem}_{suffix}",
+        crate::postgres::slots::RELAY_SLOT_PREFIX
+    )
 }
 
 /// The relay config the Deployment runs with.

@@ -64,6 +64,11 @@ pub struct Operator {
 impl Operator {
     /// Start the operator binary against the test environment, scoped to `namespace`.
     pub async fn start(namespace: &str) -> Result<Self> {
+        Self::start_with(namespace, &[]).await
+    }
+
+    /// [`Operator::start`] with extra command-line flags.
+    pub async fn start_with(namespace: &str, extra_args: &[&str]) -> Result<Self> {
         install_crds().await?;
         let env = support::env();
         let log = env
@@ -92,6 +97,7 @@ impl Operator {
                 "--resync-seconds",
                 "20",
             ])
+            .args(extra_args)
             .env("KUBECONFIG", &env.kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .env(
