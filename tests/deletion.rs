@@ -274,11 +274,13 @@ async fn a_cleanup_that_cannot_succeed_gives_up_after_the_timeout_and_keeps_the_
     );
     // Tidy the server: the test owns this database.
     let admin = admin().await?;
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS \"{service}\" WITH (FORCE); DROP ROLE IF EXISTS \"{service}_relay\"; DROP ROLE IF EXISTS \"{service}\""
-        ))
-        .await?;
+    for statement in [
+        format!("DROP DATABASE IF EXISTS \"{service}\" WITH (FORCE)"),
+        format!("DROP ROLE IF EXISTS \"{service}_relay\""),
+        format!("DROP ROLE IF EXISTS \"{service}\""),
+    ] {
+        admin.batch_execute(&statement).await?;
+    }
     Ok(())
 }
 

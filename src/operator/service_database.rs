@@ -713,7 +713,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
     }
 
     if let Some(admin) = &target.admin {
-        collect_orphaned_slots(ctx, sdb, &ns, admin, &database, &relays).await;
+        collect_orphaned_slots(ctx, sdb, &ns, admin, &database).await;
     }
     conds.push(Desired::ok(
         "Ready",
@@ -958,12 +958,21 @@ async fn collect_orphaned_slots(
     ns: &str,
     admin: &ConnectParams,
     database: &str,
-    relays: &[OutboxRelay],
 ) {
     let found = match postgres::slots::logical_slots(admin, Some(database)).await {
         Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "could not list the replication slots of the database");
+            return;
+        }
+    };
+    // The relays are listed again *after* the slots: a relay's slot is created by its pod, after
+    // the OutboxRelay exists, so every slot just seen belongs to a relay in this fresh list. The
+    // list this reconcile started with may predate a relay that created its slot meanwhile.
+    let relays = match relays_of(ctx, ns, &sdb.name_any()).await {
+        Ok(relays) => relays,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the OutboxRelays");
             return;
         }
     };
