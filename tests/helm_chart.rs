@@ -254,6 +254,19 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
         env_of(c, "SERVICEDB_WATCH_NAMESPACE").is_none(),
         "cluster-wide by default"
     );
+    // Guard rails: the official postgres image, two observing preload libraries, any host.
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_IMAGES").context("allowed images")?["value"],
+        "postgres"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_PRELOAD_LIBRARIES").context("preload libraries")?["value"],
+        "pg_stat_statements,auto_explain"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_EXTERNAL_HOSTS").context("external hosts")?["value"],
+        ""
+    );
 
     let service = one(&objects, "Service");
     assert_eq!(service["spec"]["ports"][0]["name"], "http-metrics");
@@ -307,6 +320,30 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
     assert_eq!(
         env_of(c, "SERVICEDB_RESYNC_SECONDS").context("resync")?["value"],
         "1000000"
+    );
+
+    // Guard-rail values become the operator's flags (as their environment variables).
+    let objects = render(&[
+        "--set",
+        "guardRails.allowedImages={registry.internal/db/*,postgres}",
+        "--set-json",
+        "guardRails.allowedPreloadLibraries=[]",
+        "--set",
+        "guardRails.allowedExternalHosts={10.0.0.0/8,.db.internal}",
+    ])
+    .await?;
+    let c = &one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_IMAGES").context("allowed images")?["value"],
+        "registry.internal/db/*,postgres"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_PRELOAD_LIBRARIES").context("preload libraries")?["value"],
+        ""
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_EXTERNAL_HOSTS").context("external hosts")?["value"],
+        "10.0.0.0/8,.db.internal"
     );
 
     // Optional objects.

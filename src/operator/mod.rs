@@ -2,9 +2,11 @@
 
 pub mod apply;
 pub mod conditions;
+pub mod guard_rails;
 pub mod metrics;
 pub mod outbox_relay;
 pub mod service_database;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Watch only this namespace (a namespace-scoped install); all namespaces when `None`.
     pub watch_namespace: Option<String>,
+    /// Allowed images, preload libraries and external hosts.
+    pub guard_rails: guard_rails::GuardRails,
 }
 
 impl Default for Settings {
@@ -50,6 +54,7 @@ impl Default for Settings {
             resync: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
             watch_namespace: None,
+            guard_rails: guard_rails::GuardRails::default(),
         }
     }
 }

@@ -414,7 +414,8 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
                     "DropSlotFailed",
                     "DropSlot",
                     format!(
-                        "{source}; retrying. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go"
+                        "{}; retrying. Set {SKIP_CLEANUP_ANNOTATION}: \"true\" to let go",
+                        crate::postgres::summary::user_message(&source)
                     ),
                 )
                 .await;
