@@ -290,8 +290,7 @@ impl ImagePolicy {
         } else {
             Err(format!(
                 "image {image:?} ({}) is not allowed by the operator's --allowed-images ({}); use an allowed image or ask the platform team",
-                reference.repository,
-                self.to_string()
+                reference.repository, self
             ))
         }
     }
