@@ -644,7 +644,7 @@ impl ChartOperator {
             .and_then(|s| s.template.spec.as_ref())
             .and_then(|s| s.containers.first())
             .context("the Deployment has no container")?;
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"));
+        let mut cmd = tokio::process::Command::new(harness::servicedb_bin());
         cmd.env_clear();
         for var in container.env.iter().flatten() {
             let field = var
@@ -656,6 +656,9 @@ impl ChartOperator {
                 (Some(value), _) => cmd.env(&var.name, value),
                 (None, Some("metadata.name")) => cmd.env(&var.name, pod_name),
                 (None, Some("metadata.namespace")) => cmd.env(&var.name, pod_namespace),
+                // `value: ""` comes back from the apiserver without a value; the kubelet sets
+                // such a variable to the empty string.
+                (None, None) if var.value_from.is_none() => cmd.env(&var.name, ""),
                 (None, other) => bail!(
                     "env {} has a source this test does not emulate: {other:?}",
                     var.name
