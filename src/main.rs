@@ -48,6 +48,29 @@ enum Command {
         /// a replication slot) before it gives up with a Warning Event and lets the object go.
         #[arg(long, env = "SERVICEDB_CLEANUP_TIMEOUT_SECONDS", default_value_t = 600)]
         cleanup_timeout_seconds: u64,
+        /// Images managed instances may run: comma-separated repository patterns, compared in
+        /// Docker's normalised form (`postgres` = `docker.io/library/postgres`), any tag or
+        /// digest. `REPO` allows that repository, `PREFIX/*` every repository under PREFIX,
+        /// `*` any image.
+        #[arg(
+            long,
+            env = "SERVICEDB_ALLOWED_IMAGES",
+            default_value = servicedb::operator::guard_rails::DEFAULT_ALLOWED_IMAGES
+        )]
+        allowed_images: servicedb::operator::guard_rails::ImagePolicy,
+        /// Libraries `shared_preload_libraries` may load: comma-separated plain names (empty:
+        /// none).
+        #[arg(
+            long,
+            env = "SERVICEDB_ALLOWED_PRELOAD_LIBRARIES",
+            default_value = servicedb::operator::guard_rails::DEFAULT_ALLOWED_PRELOAD_LIBRARIES
+        )]
+        allowed_preload_libraries: servicedb::operator::guard_rails::PreloadPolicy,
+        /// Hosts external instances may name: comma-separated CIDRs or addresses (checked
+        /// against literal IPs) and DNS names, `.suffix` for a domain (checked against names;
+        /// never resolved). Empty: unrestricted.
+        #[arg(long, env = "SERVICEDB_ALLOWED_EXTERNAL_HOSTS", default_value = "")]
+        allowed_external_hosts: servicedb::operator::guard_rails::HostPolicy,
     },
     /// Run one outbox relay: move committed outbox events to Kafka or NATS JetStream.
     /// The database comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE.
@@ -75,6 +98,9 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             resync_seconds,
             cleanup_timeout_seconds,
+            allowed_images,
+            allowed_preload_libraries,
+            allowed_external_hosts,
         } => {
             servicedb::telemetry::init();
             let settings = servicedb::operator::Settings {
@@ -84,6 +110,11 @@ fn main() -> anyhow::Result<()> {
                 resync: std::time::Duration::from_secs(resync_seconds),
                 watch_namespace,
                 cleanup_timeout: std::time::Duration::from_secs(cleanup_timeout_seconds),
+                guard_rails: servicedb::operator::guard_rails::GuardRails {
+                    allowed_images,
+                    allowed_preload_libraries,
+                    allowed_external_hosts,
+                },
                 ..servicedb::operator::Settings::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

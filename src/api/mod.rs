@@ -1,6 +1,7 @@
 //! The CRD types — the API contract — and the generation of their CustomResourceDefinitions (no I/O).
 
 pub mod outbox_relay;
+pub mod parameters;
 pub mod service_database;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

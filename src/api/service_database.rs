@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,8 @@ use serde::{Deserialize, Serialize};
     validation = Rule::new("size(self.metadata.name) <= 47").message("metadata.name must be at most 47 characters: child objects append suffixes such as '-superuser' and Service names must fit in 63"),
 )]
 #[x_kube(
+    validation = reserved_database_name_rule(),
+    validation = admin_database_rule(),
     validation = Rule::new("(has(self.database.name) ? self.database.name : self.owner.service.replace('-', '_')) == (has(oldSelf.database.name) ? oldSelf.database.name : oldSelf.owner.service.replace('-', '_'))").message("the database name is immutable: create a new ServiceDatabase to move data to another database"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -116,7 +119,10 @@ pub struct ManagedInstance {
     #[schemars(range(min = 14, max = 18))]
     pub version: i32,
 
-    /// Container image. Defaults to the official `postgres:<version>` image.
+    /// Container image. Defaults to the official `postgres:<version>` image. The operator runs
+    /// only images its `--allowed-images` allow (by default the official `postgres` image, any
+    /// tag or digest); any other image leaves the instance unapplied with `Ready=False`,
+    /// reason `ImageNotAllowed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
@@ -128,12 +134,20 @@ pub struct ManagedInstance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// `postgresql.conf` overrides. Keys the operator owns (listen_addresses, port, paths,
-    /// wal_level, hba settings, ssl files) are rejected.
+    /// `postgresql.conf` overrides, limited to an allow-list of ordinary tuning settings
+    /// (memory, planner, logging, statistics, autovacuum, timeouts, locks, locale and client
+    /// defaults). Settings that run commands (`*_command`), load code (`*_preload_libraries`
+    /// other than `shared_preload_libraries`, `dynamic_library_path`, `jit_provider`), name
+    /// files, or that the operator owns (addresses, ports, `ssl*`, `wal_level`,
+    /// `password_encryption`) are rejected. `shared_preload_libraries` takes plain library
+    /// names, and only those the operator allows (`--allowed-preload-libraries`) are loaded.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(
-        validation = Rule::new("self.all(k, k.matches('^[a-z][a-z0-9_.]*$'))").message("parameter names are lowercase letters, digits, '_' and '.'"),
-        validation = Rule::new("self.all(k, !(k in ['listen_addresses', 'port', 'data_directory', 'config_file', 'hba_file', 'ident_file', 'unix_socket_directories', 'wal_level', 'ssl_cert_file', 'ssl_key_file', 'ssl_ca_file', 'password_encryption']))").message("parameters may not override keys the operator owns: listen_addresses, port, data_directory, config_file, hba_file, ident_file, unix_socket_directories, wal_level, ssl_*_file, password_encryption"),
+        validation = super::parameters::cel_name_rule(),
+        validation = super::parameters::cel_runs_code_rule(),
+        validation = super::parameters::cel_operator_owned_rule(),
+        validation = super::parameters::cel_allowed_rule(),
+        validation = super::parameters::cel_preload_form_rule(),
     )]
     #[schemars(extend("maxProperties" = 64))]
     pub parameters: BTreeMap<String, String>,
@@ -315,6 +329,16 @@ pub struct KafkaConnectRef {
     /// Base URL of the Kafka Connect REST API (`http://connect.kafka:8083`).
     #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 512))]
     pub url: String,
+
+    /// Namespace of the Kafka Connect pods. A managed instance's NetworkPolicy admits pods
+    /// labelled `servicedb.io/cdc-access: <namespace>.<name>` of this ServiceDatabase from this
+    /// namespace only; defaults to the ServiceDatabase's own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub namespace: Option<String>,
 }
 
 /// What deleting a ServiceDatabase does to its data.
@@ -399,6 +423,44 @@ pub struct SecretNames {
     /// The CDC role's Secret (cdc set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdc: Option<String>,
+}
+
+/// Database names a ServiceDatabase may never use: the server's own databases, and the
+/// administration databases of the common managed clouds (RDS, Cloud SQL, Azure). The external
+/// admin's own database (`external.adminDatabase`) is refused too, by its own rule.
+pub const RESERVED_DATABASE_NAMES: &[&str] = &[
+    "postgres",
+    "template0",
+    "template1",
+    "rdsadmin",
+    "cloudsqladmin",
+    "azure_maintenance",
+    "azure_sys",
+];
+
+/// The effective database name in CEL: `database.name`, or `owner.service` with `-` → `_`
+/// (the same as [`ServiceDatabaseSpec::database_name`]).
+const CEL_DATABASE_NAME: &str =
+    "(has(self.database.name) ? self.database.name : self.owner.service.replace('-', '_'))";
+
+fn reserved_database_name_rule() -> Rule {
+    let names: Vec<String> = RESERVED_DATABASE_NAMES
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect();
+    Rule::new(format!("!({CEL_DATABASE_NAME} in [{}])", names.join(", "))).message(
+        kube::core::Message::Message(format!(
+            "the database name (database.name, or owner.service with '-' replaced by '_') is reserved: {} are the server's and the managed clouds' own databases and are never taken over; set database.name to another name",
+            RESERVED_DATABASE_NAMES.join(", ")
+        )),
+    )
+}
+
+fn admin_database_rule() -> Rule {
+    Rule::new(format!(
+        "!has(self.instance.external) || {CEL_DATABASE_NAME} != self.instance.external.adminDatabase"
+    ))
+    .message("the database name (database.name, or owner.service with '-' replaced by '_') is reserved: it is the external server's admin database (instance.external.adminDatabase), which the operator connects to and never takes over; set database.name to another name")
 }
 
 fn default_port() -> i32 {

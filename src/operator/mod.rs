@@ -2,10 +2,12 @@
 
 pub mod apply;
 pub mod conditions;
+pub mod guard_rails;
 pub mod metrics;
 pub mod outbox_relay;
 pub mod secret_guard;
 pub mod service_database;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +45,8 @@ pub struct Settings {
     /// How long a deletion retries cleanup outside the cluster (drop a database, a slot) before
     /// it gives up with a Warning Event and a metric, so no namespace deletion hangs forever.
     pub cleanup_timeout: Duration,
+    /// Allowed images, preload libraries and external hosts.
+    pub guard_rails: guard_rails::GuardRails,
 }
 
 impl Default for Settings {
@@ -55,6 +59,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             watch_namespace: None,
             cleanup_timeout: Duration::from_secs(600),
+            guard_rails: guard_rails::GuardRails::default(),
         }
     }
 }

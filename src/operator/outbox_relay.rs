@@ -391,7 +391,7 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
         Ok(admin) => {
             crate::postgres::slots::drop_slot(&admin.with_dbname(sdb.spec.database_name()), &slot)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::postgres::summary::user_message(&e))
         }
         Err(message) => Err(message),
     };

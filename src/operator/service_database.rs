@@ -17,11 +17,13 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, instrument};
+use tracing::{debug, info, instrument};
 
 use super::Context;
 use super::apply::{ApplyError, Outcome, delete_if_exists};
 use super::conditions::{self, Desired};
+use super::guard_rails::GuardRails;
+use super::validate::{Invalid, validate};
 use crate::api::OutboxRelay;
 use crate::api::outbox_relay::RelayMode;
 use crate::api::service_database::{
@@ -176,14 +178,14 @@ impl Desire {
     }
 }
 
-/// A spec the apiserver accepted but the controller cannot act on.
-#[derive(Debug)]
-struct Invalid {
-    reason: &'static str,
-    message: String,
-}
-
-fn desire(sdb: &ServiceDatabase, relays: &[OutboxRelay]) -> Result<Desire, Invalid> {
+/// What the database side needs, after [`validate`]: nothing is applied or connected to for a
+/// spec that fails it.
+fn desire(
+    sdb: &ServiceDatabase,
+    relays: &[OutboxRelay],
+    rails: &GuardRails,
+) -> Result<Desire, Invalid> {
+    validate(&sdb.spec, rails)?;
     // A relay being deleted keeps its slot until its own cleanup drops it; wal_level stays
     // logical for that slot by the instance's slot check, not by this flag.
     let logical_relay = relays
@@ -292,7 +294,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
     let name = sdb.name_any();
     let key = super::object_key(sdb);
     let relays = relays_of(ctx, &ns, &name).await?;
-    let desire = match desire(sdb, &relays) {
+    let desire = match desire(sdb, &relays, &ctx.settings.guard_rails) {
         Ok(d) => d,
         Err(invalid) => {
             ctx.event(
@@ -447,6 +449,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     logical_decoding,
                     owner_pods,
                     operator_namespace: ctx.settings.operator_namespace.as_deref(),
+                    cdc: sdb.spec.cdc.as_ref(),
                     config_checksum: String::new(),
                 };
                 let config_map = instance::config_map(&params);
@@ -684,7 +687,9 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
             }
             Err(e) => {
                 let reason = e.category();
-                let message = e.to_string();
+                // Status and Events get a summary; the full error only the operator's log.
+                debug!(error = %e, "provisioning failed");
+                let message = postgres::summary::user_message(&e);
                 ctx.event(
                     sdb,
                     EventType::Warning,
@@ -831,6 +836,16 @@ async fn external_admin(
     secrets: &Api<Secret>,
     external: &ExternalInstance,
 ) -> Result<Result<ConnectParams, String>, Error> {
+    // Backstop for every caller (slot and database cleanup): never connect to a host outside
+    // the operator's allow-list.
+    if let Err(message) = ctx
+        .settings
+        .guard_rails
+        .allowed_external_hosts
+        .check(&external.host)
+    {
+        return Ok(Err(message));
+    }
     let secret_name = &external.admin_secret_ref.name;
     let Some(secret) = secrets
         .get_opt(secret_name)
@@ -1138,13 +1153,15 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
                     let gave_up = super::deleting_for(sdb) >= ctx.settings.cleanup_timeout;
                     let message = if gave_up {
                         format!(
-                            "{failure}; gave up after {:?}: database {} and its roles are left on the server",
+                            "{}; gave up after {:?}: database {} and its roles are left on the server",
+                            postgres::summary::user_message(&failure),
                             ctx.settings.cleanup_timeout,
                             sdb.spec.database_name()
                         )
                     } else {
                         format!(
-                            "{failure}; retrying with backoff for up to {:?} after deletion. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without dropping the database",
+                            "{}; retrying with backoff for up to {:?} after deletion. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without dropping the database",
+                            postgres::summary::user_message(&failure),
                             ctx.settings.cleanup_timeout
                         )
                     };
@@ -1188,6 +1205,22 @@ async fn drop_external_database(
     ns: &str,
     external: &ExternalInstance,
 ) -> Result<(), Error> {
+    // A spec that fails validation was never provisioned under its current rules (a reserved
+    // name, a host outside the allow-list): touch nothing, let go.
+    let desire = match desire(sdb, &[], &ctx.settings.guard_rails) {
+        Ok(d) => d,
+        Err(invalid) => {
+            ctx.event(
+                sdb,
+                EventType::Warning,
+                "CleanupSkipped",
+                "Delete",
+                format!("not dropping anything: {}", invalid.message),
+            )
+            .await;
+            return Ok(());
+        }
+    };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let admin = match external_admin(ctx, &secrets, external).await? {
         Ok(admin) => admin,
@@ -1198,10 +1231,6 @@ async fn drop_external_database(
             });
         }
     };
-    let desire = desire(sdb, &[]).map_err(|i| Error::Invalid {
-        reason: i.reason,
-        message: i.message,
-    })?;
     let roles = [
         desire.roles.app.clone(),
         desire.roles.relay.clone(),

@@ -19,6 +19,7 @@ pub mod passwords;
 pub mod provision;
 pub mod slots;
 pub mod sql;
+pub mod summary;
 
 use std::fmt;
 

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{DatabaseNames, selector_labels, standard_labels};
 use super::pod;
-use crate::api::service_database::{DeletionPolicy, ManagedInstance};
+use crate::api::service_database::{CdcSpec, DeletionPolicy, ManagedInstance};
 
 /// The Postgres port inside the pod and on the Services.
 pub const POSTGRES_PORT: i32 = 5432;
@@ -61,6 +61,8 @@ pub struct InstanceParams<'a> {
     pub owner_pods: LabelSelector,
     /// Namespace the operator runs in (admitted by the NetworkPolicy), if known.
     pub operator_namespace: Option<&'a str>,
+    /// CDC settings: Kafka Connect pods labelled for this database are admitted only when set.
+    pub cdc: Option<&'a CdcSpec>,
     /// A checksum of the configuration, put on the pod template so a change restarts the pod.
     pub config_checksum: String,
 }
@@ -353,7 +355,9 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
 }
 
 /// The NetworkPolicy: default-deny ingress to the instance, then port 5432 from the owner's pods,
-/// this database's relay pods, the operator, and Kafka Connect pods labelled for this database's CDC.
+/// this database's relay pods, the operator, and — only when `cdc` is set — Kafka Connect pods
+/// labelled for this database's CDC in `cdc.kafkaConnect.namespace` (default: this namespace).
+/// Any pod can carry any label, so the label alone must never admit pods from every namespace.
 pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
     let names = DatabaseNames::new(p.name);
     let mut relay_labels = BTreeMap::from([
@@ -379,8 +383,23 @@ pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
             }),
             ..NetworkPolicyPeer::default()
         },
-        NetworkPolicyPeer {
-            namespace_selector: Some(LabelSelector::default()),
+    ];
+    if let Some(cdc) = p.cdc {
+        // No namespaceSelector means the policy's own namespace.
+        let namespace_selector = cdc
+            .kafka_connect
+            .namespace
+            .as_deref()
+            .filter(|ns| *ns != p.namespace)
+            .map(|ns| LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    ns.to_owned(),
+                )])),
+                ..LabelSelector::default()
+            });
+        peers.push(NetworkPolicyPeer {
+            namespace_selector,
             pod_selector: Some(LabelSelector {
                 match_labels: Some(BTreeMap::from([(
                     CDC_ACCESS_LABEL.to_owned(),
@@ -389,8 +408,8 @@ pub fn network_policy(p: &InstanceParams<'_>) -> NetworkPolicy {
                 ..LabelSelector::default()
             }),
             ..NetworkPolicyPeer::default()
-        },
-    ];
+        });
+    }
     if let Some(op_ns) = p.operator_namespace {
         peers.push(NetworkPolicyPeer {
             namespace_selector: Some(LabelSelector {
@@ -439,5 +458,127 @@ pub fn default_owner_selector(service: &str) -> LabelSelector {
             service.to_owned(),
         )])),
         ..LabelSelector::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::service_database::{KafkaConnectRef, QualifiedTable, StorageSpec};
+
+    fn managed() -> ManagedInstance {
+        ManagedInstance {
+            version: 17,
+            image: None,
+            storage: StorageSpec {
+                size: "1Gi".to_owned(),
+                storage_class_name: None,
+            },
+            resources: None,
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    fn cdc(namespace: Option<&str>) -> CdcSpec {
+        CdcSpec {
+            tables: vec![QualifiedTable("public.orders".to_owned())],
+            kafka_connect: KafkaConnectRef {
+                url: "http://connect.kafka:8083".to_owned(),
+                namespace: namespace.map(str::to_owned),
+            },
+            topic_prefix: "cdc.orders".to_owned(),
+        }
+    }
+
+    fn peers(cdc: Option<&CdcSpec>) -> Vec<NetworkPolicyPeer> {
+        let m = managed();
+        let p = InstanceParams {
+            name: "orders",
+            namespace: "shop",
+            owner: None,
+            managed: &m,
+            deletion_policy: DeletionPolicy::Retain,
+            logical_decoding: false,
+            owner_pods: default_owner_selector("orders"),
+            operator_namespace: Some("servicedb-system"),
+            cdc,
+            config_checksum: String::new(),
+        };
+        network_policy(&p)
+            .spec
+            .and_then(|s| s.ingress)
+            .and_then(|i| i.into_iter().next())
+            .and_then(|r| r.from)
+            .unwrap_or_default()
+    }
+
+    fn cdc_peers(peers: &[NetworkPolicyPeer]) -> Vec<&NetworkPolicyPeer> {
+        peers
+            .iter()
+            .filter(|p| {
+                p.pod_selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.as_ref())
+                    .is_some_and(|l| l.contains_key(CDC_ACCESS_LABEL))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_cdc_no_cdc_access_peer_is_admitted() {
+        assert!(cdc_peers(&peers(None)).is_empty());
+    }
+
+    #[test]
+    fn cdc_access_is_admitted_from_the_own_namespace_by_default() {
+        let c = cdc(None);
+        let all = peers(Some(&c));
+        let found = cdc_peers(&all);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].namespace_selector, None, "own namespace only");
+        assert_eq!(
+            found[0]
+                .pod_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.clone()),
+            Some(BTreeMap::from([(
+                CDC_ACCESS_LABEL.to_owned(),
+                "shop.orders".to_owned()
+            )]))
+        );
+        // Naming the own namespace is the same.
+        let c = cdc(Some("shop"));
+        assert_eq!(cdc_peers(&peers(Some(&c)))[0].namespace_selector, None);
+    }
+
+    #[test]
+    fn cdc_access_from_another_namespace_names_exactly_that_namespace() {
+        let c = cdc(Some("kafka"));
+        let all = peers(Some(&c));
+        let found = cdc_peers(&all);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            found[0]
+                .namespace_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.clone()),
+            Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_owned(),
+                "kafka".to_owned()
+            )]))
+        );
+    }
+
+    #[test]
+    fn no_peer_admits_every_namespace() {
+        let c = cdc(Some("kafka"));
+        for peer in peers(Some(&c)) {
+            if let Some(ns) = &peer.namespace_selector {
+                assert!(
+                    ns.match_labels.as_ref().is_some_and(|l| !l.is_empty()),
+                    "a peer selects every namespace: {peer:?}"
+                );
+            }
+        }
     }
 }

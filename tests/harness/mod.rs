@@ -52,6 +52,15 @@ pub async fn install_crds() -> Result<()> {
     Ok(())
 }
 
+/// The `servicedb` binary the operator tests run: `$SERVICEDB_BIN` when set, else Cargo's.
+/// Worktrees that share one target directory overwrite each other's `target/debug/servicedb`;
+/// a copy taken right after this worktree's build, named by `SERVICEDB_BIN`, is the one tested.
+pub fn servicedb_bin() -> PathBuf {
+    std::env::var_os("SERVICEDB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_servicedb")))
+}
+
 /// A `servicedb operator` process watching one namespace; killed on drop.
 pub struct Operator {
     child: tokio::process::Child,
@@ -84,7 +93,7 @@ impl Operator {
             .local_addr()?
             .port();
         let listen = format!("127.0.0.1:{port}");
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_servicedb"));
+        let mut command = tokio::process::Command::new(servicedb_bin());
         // Never outlive the test binary, even when it is killed.
         servicedb::devrunner::die_with_parent(&mut command);
         let child = command
