@@ -634,20 +634,6 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     if let Some(outbox) = &plan.outbox {
         ensure_outbox_schema(&tx, outbox, &plan.outbox_owner, &mut report).await?;
     }
-    let mut cdc_tables = Vec::new();
-    if let Some(cdc) = &plan.cdc {
-        for table in &cdc.tables {
-            if inspect::table_owner(&tx, table)
-                .await
-                .map_err(catalog("cdc table"))?
-                .is_none()
-            {
-                report.missing_cdc_tables.push(table.clone());
-                continue;
-            }
-            cdc_tables.push(table.clone());
-        }
-    }
 
     if let Some(outbox) = &plan.outbox {
         // An outbox owned by anyone else (the app, with older operator versions) is handed to
@@ -672,13 +658,27 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
             revoke_row_lock_column(&tx, &relay.name, outbox, &mut report).await?;
         }
     }
-    // CDC tables belong to the app: it grants SELECT on them.
+    // CDC tables belong to the app (the outbox to the outbox role): their owner grants SELECT.
+    let mut cdc_tables = Vec::new();
     if let Some(cdc) = &plan.cdc {
+        for table in &cdc.tables {
+            if inspect::table_owner(&tx, table)
+                .await
+                .map_err(catalog("cdc table"))?
+                .is_none()
+            {
+                report.missing_cdc_tables.push(table.clone());
+                continue;
+            }
+            cdc_tables.push(table.clone());
+        }
         act_as(&tx, plan, Some(&plan.app.name)).await?;
         for table in &cdc_tables {
             let privs = BTreeSet::from([TablePrivilege::Select]);
             let owned_by_outbox = Some(table) == plan.outbox.as_ref();
             if owned_by_outbox {
+                // The app owns the schema and grants USAGE on it; the outbox role the table.
+                ensure_schema_usage(&tx, &cdc.role.name, &table.schema, &mut report).await?;
                 act_as(&tx, plan, Some(&plan.outbox_owner)).await?;
             }
             ensure_table_privileges(&tx, &cdc.role.name, table, &privs, &mut report).await?;
@@ -1603,23 +1603,8 @@ async fn ensure_table_privileges(
         table: table.clone(),
         source,
     };
-    let has_usage: bool = desired.is_empty()
-        || tx
-            .query_one(
-                "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
-                &[&role.as_str(), &table.schema.as_str()],
-            )
-            .await
-            .map_err(catalog("schema privileges"))?
-            .get(0);
-    if !has_usage {
-        exec(tx, &sql::grant_schema_usage(&table.schema, role))
-            .await
-            .map_err(err)?;
-        report.change(format!(
-            "granted USAGE on schema {} to {role}",
-            table.schema
-        ));
+    if !desired.is_empty() {
+        ensure_schema_usage(tx, role, &table.schema, report).await?;
     }
     let current = inspect::table_privileges(tx, table, role)
         .await
@@ -1637,6 +1622,33 @@ async fn ensure_table_privileges(
             .await
             .map_err(err)?;
         report.change(format!("revoked {} on {table} from {role}", names(&extra)));
+    }
+    Ok(())
+}
+
+/// `role` may use `schema` (granted by whoever runs this: the schema's owner).
+async fn ensure_schema_usage(
+    tx: &Transaction<'_>,
+    role: &Ident,
+    schema: &Ident,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let has_usage: bool = tx
+        .query_one(
+            "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
+            &[&role.as_str(), &schema.as_str()],
+        )
+        .await
+        .map_err(catalog("schema privileges"))?
+        .get(0);
+    if !has_usage {
+        exec(tx, &sql::grant_schema_usage(schema, role))
+            .await
+            .map_err(|source| ProvisionError::CreateSchema {
+                schema: schema.clone(),
+                source,
+            })?;
+        report.change(format!("granted USAGE on schema {schema} to {role}"));
     }
     Ok(())
 }
