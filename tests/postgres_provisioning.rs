@@ -119,8 +119,9 @@ impl Service {
     fn plan(&self) -> DatabasePlan {
         let mut plan = DatabasePlan::new(self.database.clone(), self.owner.clone(), &self.roles);
         plan.app = plan.app.with_password(persisted(&self.app_pw), true);
-        plan.relay =
-            Some(RolePlan::new(self.roles.relay.clone()).with_password(persisted(&self.relay_pw), true));
+        plan.relay = Some(
+            RolePlan::new(self.roles.relay.clone()).with_password(persisted(&self.relay_pw), true),
+        );
         plan.outbox = Some(QualifiedName::parse("outbox").unwrap());
         plan
     }
@@ -164,9 +165,14 @@ impl Service {
     }
 
     async fn cleanup(&self) {
-        deprovision(&superuser(), &self.owner, &self.database, &self.role_names())
-            .await
-            .expect("deprovision");
+        deprovision(
+            &superuser(),
+            &self.owner,
+            &self.database,
+            &self.role_names(),
+        )
+        .await
+        .expect("deprovision");
     }
 
     /// The relay's claim through the outbox owner's function.
@@ -475,9 +481,14 @@ async fn a_password_set_from_a_verifier_logs_in_and_only_the_verifier_is_stored(
 
     // The Secret was lost: a new password, the old one stops working.
     let new_pw = Password::generate();
-    set_role_password(&superuser(), &svc.owner, &svc.roles.app, &persisted(&new_pw))
-        .await
-        .unwrap();
+    set_role_password(
+        &superuser(),
+        &svc.owner,
+        &svc.roles.app,
+        &persisted(&new_pw),
+    )
+    .await
+    .unwrap();
     let old = connect(&svc.login(&svc.roles.app, &svc.app_pw))
         .await
         .expect_err("old password still works");
@@ -1028,9 +1039,16 @@ async fn another_servicedatabases_objects_are_a_name_conflict_and_stay_untouched
     let first = Service::new("mine");
     provision(&superuser(), &first.plan()).await.unwrap();
     let mark = first.owner.format();
-    assert_eq!(comment_of_database(&first.database).await.as_deref(), Some(mark.as_str()));
+    assert_eq!(
+        comment_of_database(&first.database).await.as_deref(),
+        Some(mark.as_str())
+    );
     for role in [&first.roles.app, &first.roles.relay, &first.roles.outbox] {
-        assert_eq!(comment_of_role(role).await.as_deref(), Some(mark.as_str()), "{role}");
+        assert_eq!(
+            comment_of_role(role).await.as_deref(),
+            Some(mark.as_str()),
+            "{role}"
+        );
     }
     let before = snapshot(&first.database, &first.role_names()).await;
 
@@ -1055,18 +1073,38 @@ async fn another_servicedatabases_objects_are_a_name_conflict_and_stay_untouched
         }
         other => panic!("{other:?}"),
     }
-    assert!(err.to_string().contains(&format!("t-ns/{}", first.owner.name)), "{err}");
-    assert_eq!(snapshot(&first.database, &first.role_names()).await, before, "something changed");
+    assert!(
+        err.to_string()
+            .contains(&format!("t-ns/{}", first.owner.name)),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&first.database, &first.role_names()).await,
+        before,
+        "something changed"
+    );
     first.app().await; // the first's password still works
-    assert!(connect(&second.login(&first.roles.app, &second.app_pw)).await.is_err());
+    assert!(
+        connect(&second.login(&first.roles.app, &second.app_pw))
+            .await
+            .is_err()
+    );
 
     // A conflict on the database alone (its roles are free) changes no role either.
     let third = Service::new("dbonly");
     let mut plan = third.plan();
     plan.database = first.database.clone();
-    let err = provision(&superuser(), &plan).await.expect_err("took the database");
+    let err = provision(&superuser(), &plan)
+        .await
+        .expect_err("took the database");
     assert!(
-        matches!(&err, ProvisionError::NameConflict { kind: ObjectKind::Database, .. }),
+        matches!(
+            &err,
+            ProvisionError::NameConflict {
+                kind: ObjectKind::Database,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(
@@ -1078,9 +1116,14 @@ async fn another_servicedatabases_objects_are_a_name_conflict_and_stay_untouched
     );
 
     // Deleting the second leaves the first's objects.
-    let report = deprovision(&superuser(), &second.owner, &first.database, &first.role_names())
-        .await
-        .unwrap();
+    let report = deprovision(
+        &superuser(),
+        &second.owner,
+        &first.database,
+        &first.role_names(),
+    )
+    .await
+    .unwrap();
     assert!(report.changes.is_empty(), "{report:?}");
     assert_eq!(report.skipped.len(), 4, "{report:?}");
     assert_eq!(snapshot(&first.database, &first.role_names()).await, before);
@@ -1106,24 +1149,34 @@ async fn unmarked_objects_are_adopted_only_when_asked_and_a_recreated_owner_read
     ))
     .await
     .unwrap();
-    su.batch_execute(&format!("GRANT CONNECT ON DATABASE {} TO PUBLIC", svc.database.quoted()))
-        .await
-        .unwrap();
+    su.batch_execute(&format!(
+        "GRANT CONNECT ON DATABASE {} TO PUBLIC",
+        svc.database.quoted()
+    ))
+    .await
+    .unwrap();
     let before = snapshot(&svc.database, &svc.role_names()).await;
 
-    let err = provision(&superuser(), &svc.plan()).await.expect_err("adopted");
+    let err = provision(&superuser(), &svc.plan())
+        .await
+        .expect_err("adopted");
     match &err {
         ProvisionError::NameConflict { holder, .. } => assert!(holder.is_none()),
         other => panic!("{other:?}"),
     }
     assert!(err.to_string().contains("database.adopt: true"), "{err}");
     assert_eq!(snapshot(&svc.database, &svc.role_names()).await, before);
-    connect(&svc.login(&svc.roles.app, &dba_pw)).await.expect("the DBA's password changed");
+    connect(&svc.login(&svc.roles.app, &dba_pw))
+        .await
+        .expect("the DBA's password changed");
     // Delete never drops unmarked objects.
     let report = deprovision(&superuser(), &svc.owner, &svc.database, &svc.role_names())
         .await
         .unwrap();
-    assert!(report.changes.is_empty() && report.skipped.len() == 2, "{report:?}");
+    assert!(
+        report.changes.is_empty() && report.skipped.len() == 2,
+        "{report:?}"
+    );
     assert_eq!(snapshot(&svc.database, &svc.role_names()).await, before);
 
     // With the opt-in: marked, owned, PUBLIC locked out, password from the plan.
@@ -1131,10 +1184,17 @@ async fn unmarked_objects_are_adopted_only_when_asked_and_a_recreated_owner_read
     plan.adopt = true;
     let report = provision(&superuser(), &plan).await.expect("adopt");
     assert!(
-        report.changes.contains(&format!("marked role {} as {}", svc.roles.app, svc.owner.key())),
+        report.changes.contains(&format!(
+            "marked role {} as {}",
+            svc.roles.app,
+            svc.owner.key()
+        )),
         "{report:?}"
     );
-    assert_eq!(comment_of_database(&svc.database).await, Some(svc.owner.format()));
+    assert_eq!(
+        comment_of_database(&svc.database).await,
+        Some(svc.owner.format())
+    );
     svc.app().await;
     let public_connect: bool = su
         .query_one(
@@ -1153,11 +1213,23 @@ async fn unmarked_objects_are_adopted_only_when_asked_and_a_recreated_owner_read
     again.owner = OwnerMark::new("t-ns", svc.owner.name.clone(), "new-uid").unwrap();
     let report = provision(&superuser(), &again).await.expect("re-adopt");
     assert!(
-        report.changes.iter().any(|c| c.starts_with("marked database")),
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("marked database")),
         "{report:?}"
     );
-    assert_eq!(comment_of_role(&svc.roles.app).await, Some(again.owner.format()));
-    assert!(provision(&superuser(), &again).await.unwrap().changes.is_empty());
+    assert_eq!(
+        comment_of_role(&svc.roles.app).await,
+        Some(again.owner.format())
+    );
+    assert!(
+        provision(&superuser(), &again)
+            .await
+            .unwrap()
+            .changes
+            .is_empty()
+    );
     deprovision(&superuser(), &again.owner, &svc.database, &svc.role_names())
         .await
         .unwrap();
@@ -1200,7 +1272,9 @@ async fn a_role_dropped_by_hand_comes_back_with_the_password_from_its_secret() {
     // Steady state: nothing to reset, yet the re-created role gets the stored password.
     let report = provision(&superuser(), &svc.steady_plan()).await.unwrap();
     assert!(
-        report.changes.contains(&format!("created role {}", svc.roles.relay)),
+        report
+            .changes
+            .contains(&format!("created role {}", svc.roles.relay)),
         "{report:?}"
     );
     svc.relay()
@@ -1220,20 +1294,30 @@ async fn a_retired_cdc_role_is_dropped_and_cannot_log_in() {
         tables: vec![QualifiedName::parse("outbox").unwrap()],
     });
     provision(&superuser(), &plan).await.unwrap();
-    connect(&svc.login(&svc.roles.cdc, &svc.cdc_pw)).await.expect("cdc login");
+    connect(&svc.login(&svc.roles.cdc, &svc.cdc_pw))
+        .await
+        .expect("cdc login");
 
     let mut plan = svc.steady_plan();
     plan.retired_roles = vec![svc.roles.cdc.clone()];
     let report = provision(&superuser(), &plan).await.unwrap();
     assert!(
-        report.changes.contains(&format!("dropped retired role {}", svc.roles.cdc)),
+        report
+            .changes
+            .contains(&format!("dropped retired role {}", svc.roles.cdc)),
         "{report:?}"
     );
     let err = connect(&svc.login(&svc.roles.cdc, &svc.cdc_pw))
         .await
         .expect_err("the retired cdc role logs in");
     assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
-    assert!(provision(&superuser(), &plan).await.unwrap().changes.is_empty());
+    assert!(
+        provision(&superuser(), &plan)
+            .await
+            .unwrap()
+            .changes
+            .is_empty()
+    );
 
     // A foreign role with the retired name is left alone.
     let other = Service::new("retire-other");
@@ -1244,7 +1328,10 @@ async fn a_retired_cdc_role_is_dropped_and_cannot_log_in() {
     let mut plan = other.steady_plan();
     plan.retired_roles = vec![other.roles.cdc.clone()];
     let report = provision(&superuser(), &plan).await.unwrap();
-    assert!(report.warnings.iter().any(|w| w.contains("not marked")), "{report:?}");
+    assert!(
+        report.warnings.iter().any(|w| w.contains("not marked")),
+        "{report:?}"
+    );
     su.batch_execute(&format!("DROP ROLE {}", other.roles.cdc.quoted()))
         .await
         .unwrap();

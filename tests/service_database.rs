@@ -505,7 +505,8 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
     // Service on every reconcile, and this test environment runs no real instance behind the
     // pod, so the database is reported unreachable instead of Ready.
     wait_condition(&api, "orders", "InstanceReady", "True", support::TIMEOUT).await?;
-    let degraded = wait_condition(&api, "orders", "DatabaseReady", "False", support::TIMEOUT).await?;
+    let degraded =
+        wait_condition(&api, "orders", "DatabaseReady", "False", support::TIMEOUT).await?;
     assert_eq!(
         degraded.status.and_then(|s| s.phase),
         Some(servicedb::api::service_database::Phase::Degraded)
@@ -649,7 +650,11 @@ async fn the_same_service_in_two_namespaces_is_a_name_conflict_and_the_first_sta
         message.contains(&format!("{}/orders", first.name)),
         "the message does not name the holder: {message}"
     );
-    assert_eq!(server_state(&db).await?, before, "the first's objects changed");
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "the first's objects changed"
+    );
     connect_uri(&first_uri).await?;
 
     // Deleting the second (policy Delete) drops nothing of the first's.
@@ -664,7 +669,11 @@ async fn the_same_service_in_two_namespaces_is_a_name_conflict_and_the_first_sta
         }
     })
     .await?;
-    assert_eq!(server_state(&db).await?, before, "Delete of the second touched the first's");
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "Delete of the second touched the first's"
+    );
     connect_uri(&first_uri).await?;
     Ok(())
 }
@@ -692,7 +701,11 @@ async fn a_database_and_role_made_by_hand_are_adopted_only_with_the_opt_in() -> 
     let (reason, message) = condition_message(&conflicted, "Ready");
     assert_eq!(reason, "NameConflict", "{message}");
     assert!(message.contains("adopt"), "{message}");
-    assert_eq!(server_state(&db).await?, before, "an unmarked object was changed");
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "an unmarked object was changed"
+    );
 
     // The opt-in adopts them: the app logs in with the operator's password.
     obj["spec"]["database"] = json!({"adopt": true});
@@ -767,7 +780,11 @@ async fn a_dropped_app_role_comes_back_with_its_secrets_password_and_removing_cd
         async move { connect_uri(&uri).await.ok().map(|_| ()) }
     })
     .await?;
-    assert_eq!(uri_of(&ns, "drift-app").await?, app_uri, "the Secret changed");
+    assert_eq!(
+        uri_of(&ns, "drift-app").await?,
+        app_uri,
+        "the Secret changed"
+    );
 
     // Removing cdc retires its role: it cannot log in any more.
     api.patch(

@@ -160,10 +160,11 @@ fn desire(sdb: &ServiceDatabase, relays: &[OutboxRelay]) -> Result<Desire, Inval
         message: e.to_string(),
     })?;
     // The schema already enforces identifier patterns; this is the second line of defence.
-    let mut plan = DatabasePlan::for_spec(&sdb.spec, owner, logical_relay).map_err(|e| Invalid {
-        reason: "InvalidIdentifier",
-        message: e.to_string(),
-    })?;
+    let mut plan =
+        DatabasePlan::for_spec(&sdb.spec, owner, logical_relay).map_err(|e| Invalid {
+            reason: "InvalidIdentifier",
+            message: e.to_string(),
+        })?;
     // A managed instance's server belongs to this ServiceDatabase alone (and instances
     // bootstrapped before marks existed carry none): adopting there takes nothing from anyone.
     plan.adopt |= sdb.spec.instance.managed.is_some();
@@ -947,8 +948,7 @@ async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Error> 
                             reason: i.reason,
                             message: i.message,
                         })?;
-                        let roles: Vec<Ident> =
-                            desire.roles.all().into_iter().cloned().collect();
+                        let roles: Vec<Ident> = desire.roles.all().into_iter().cloned().collect();
                         match postgres::deprovision::deprovision(
                             &admin,
                             &desire.plan.owner,

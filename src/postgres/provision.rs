@@ -261,7 +261,9 @@ pub enum ProvisionError {
         holder: Option<(String, String)>,
     },
     /// The `servicedb` schema exists and belongs to someone other than the outbox role.
-    #[error("schema {schema} exists and is owned by {owner}, not by {expected}: it holds the relay's functions, so the operator will not use it")]
+    #[error(
+        "schema {schema} exists and is owned by {owner}, not by {expected}: it holds the relay's functions, so the operator will not use it"
+    )]
     ForeignSchema {
         /// Schema.
         schema: Ident,
@@ -533,7 +535,11 @@ impl ProvisionError {
     }
 }
 
-fn name_conflict_message(kind: ObjectKind, name: &str, holder: Option<&(String, String)>) -> String {
+fn name_conflict_message(
+    kind: ObjectKind,
+    name: &str,
+    holder: Option<&(String, String)>,
+) -> String {
     match holder {
         Some((ns, sdb)) => format!(
             "{kind} {name} already exists and belongs to ServiceDatabase {ns}/{sdb}; it was left unchanged (give this ServiceDatabase another owner.service or database.name)"
@@ -609,7 +615,16 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     // leave roles altered.
     let claims = check_ownership(&client, &who, plan).await?;
     for (role, attributes, password) in plan.all_roles() {
-        ensure_role(&client, &role, &attributes, password, &claims, plan, &mut report).await?;
+        ensure_role(
+            &client,
+            &role,
+            &attributes,
+            password,
+            &claims,
+            plan,
+            &mut report,
+        )
+        .await?;
         ensure_admin_membership(&client, &who, &role, &mut report).await?;
     }
     ensure_database(&client, plan, &claims, &mut report).await?;
@@ -643,8 +658,13 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
         // As the outbox role: the table, its trigger and the relay's functions are its own.
         act_as(&tx, plan, Some(&plan.outbox_owner)).await?;
         ensure_outbox(&tx, outbox, &plan.outbox_owner, &mut report).await?;
-        ensure_outbox_functions(&tx, outbox, plan.relay.as_ref().map(|r| &r.name), &mut report)
-            .await?;
+        ensure_outbox_functions(
+            &tx,
+            outbox,
+            plan.relay.as_ref().map(|r| &r.name),
+            &mut report,
+        )
+        .await?;
         let app_privs = BTreeSet::from([
             TablePrivilege::Select,
             TablePrivilege::Insert,
@@ -802,7 +822,11 @@ async fn check_ownership(client: &Client, who: &Admin, plan: &DatabasePlan) -> R
         };
         if role.as_str() == who.name {
             // Never adopt the admin itself, whatever its comment says.
-            return Err(conflict(ObjectKind::Role, role.as_str(), &Holder::Other(None)));
+            return Err(conflict(
+                ObjectKind::Role,
+                role.as_str(),
+                &Holder::Other(None),
+            ));
         }
         match Holder::of(comment.as_deref(), &plan.owner) {
             Holder::Ours { stale_uid } => {
@@ -1297,12 +1321,15 @@ async fn ensure_functions_schema(
         .map(|r| r.get(0));
     match owner {
         None => {
-            exec(tx, &sql::create_schema_owned_by(&schema, &plan.outbox_owner))
-                .await
-                .map_err(|source| ProvisionError::CreateSchema {
-                    schema: schema.clone(),
-                    source,
-                })?;
+            exec(
+                tx,
+                &sql::create_schema_owned_by(&schema, &plan.outbox_owner),
+            )
+            .await
+            .map_err(|source| ProvisionError::CreateSchema {
+                schema: schema.clone(),
+                source,
+            })?;
             report.change(format!(
                 "created schema {schema} owned by {}",
                 plan.outbox_owner
@@ -1547,7 +1574,10 @@ async fn ensure_outbox_functions(
                 .await
                 .map_err(err)?;
             if current.is_some() {
-                report.change(format!("revoked EXECUTE on {schema}.{} from PUBLIC", f.name));
+                report.change(format!(
+                    "revoked EXECUTE on {schema}.{} from PUBLIC",
+                    f.name
+                ));
             }
         }
         let wanted: Vec<&Ident> = relay.filter(|_| f.for_relay).into_iter().collect();
@@ -1845,10 +1875,19 @@ mod tests {
         assert_eq!(plan.extensions, vec![Ident::new("pgcrypto").unwrap()]);
         assert!(plan.roles().all(|(r, _)| r.password.is_none()));
         assert!(plan.retired_roles.is_empty());
-        let all: Vec<_> = plan.all_roles().into_iter().map(|r| r.0.to_string()).collect();
+        let all: Vec<_> = plan
+            .all_roles()
+            .into_iter()
+            .map(|r| r.0.to_string())
+            .collect();
         assert_eq!(
             all,
-            ["orders_api", "orders_api_relay", "orders_api_cdc", "orders_api_outbox"]
+            [
+                "orders_api",
+                "orders_api_relay",
+                "orders_api_cdc",
+                "orders_api_outbox"
+            ]
         );
     }
 
@@ -1866,7 +1905,11 @@ mod tests {
         assert!(plan.relay.is_none() && plan.outbox.is_none() && plan.cdc.is_none());
         let retired: Vec<_> = plan.retired_roles.iter().map(|r| r.to_string()).collect();
         assert_eq!(retired, ["billing_relay", "billing_cdc"]);
-        assert_eq!(plan.all_roles().len(), 1, "no outbox owner without an outbox");
+        assert_eq!(
+            plan.all_roles().len(),
+            1,
+            "no outbox owner without an outbox"
+        );
     }
 
     #[test]
@@ -1878,7 +1921,10 @@ mod tests {
         };
         assert_eq!(e.category(), "NameConflict");
         let text = e.to_string();
-        assert!(text.contains("database orders") && text.contains("shop-dev/orders"), "{text}");
+        assert!(
+            text.contains("database orders") && text.contains("shop-dev/orders"),
+            "{text}"
+        );
         let e = ProvisionError::NameConflict {
             kind: ObjectKind::Role,
             name: "orders".into(),

@@ -774,7 +774,10 @@ mod tests {
             comment_on_role(&ident("orders_api"), &mark),
             "COMMENT ON ROLE \"orders_api\" IS 'servicedb.io/owner=v1 ns=shop name=orders uid=0b7c-9a3e'"
         );
-        assert!(comment_on_database(&ident("orders"), &mark).starts_with("COMMENT ON DATABASE \"orders\" IS 'servicedb.io/owner=v1 "));
+        assert!(
+            comment_on_database(&ident("orders"), &mark)
+                .starts_with("COMMENT ON DATABASE \"orders\" IS 'servicedb.io/owner=v1 ")
+        );
     }
 
     #[test]
@@ -782,18 +785,51 @@ mod tests {
         let t = QualifiedName::parse("events.outbox").unwrap();
         let fns = outbox_functions(&t);
         let names: Vec<_> = fns.iter().map(|f| f.name).collect();
-        assert_eq!(names, vec![GUARD_FUNCTION, CLAIM_FUNCTION, DELETE_FUNCTION, LAG_FUNCTION]);
+        assert_eq!(
+            names,
+            vec![
+                GUARD_FUNCTION,
+                CLAIM_FUNCTION,
+                DELETE_FUNCTION,
+                LAG_FUNCTION
+            ]
+        );
         for f in &fns {
-            assert!(f.create.contains("SET search_path = pg_catalog, pg_temp"), "{}", f.create);
-            assert_eq!(f.create.contains("SECURITY DEFINER"), f.definer, "{}", f.create);
-            assert!(f.create.starts_with("CREATE OR REPLACE FUNCTION \"servicedb\"."));
+            assert!(
+                f.create.contains("SET search_path = pg_catalog, pg_temp"),
+                "{}",
+                f.create
+            );
+            assert_eq!(
+                f.create.contains("SECURITY DEFINER"),
+                f.definer,
+                "{}",
+                f.create
+            );
+            assert!(
+                f.create
+                    .starts_with("CREATE OR REPLACE FUNCTION \"servicedb\".")
+            );
             if f.for_relay {
-                assert!(f.body.trim_start().starts_with("SELECT \"servicedb\".\"outbox_guard\"();"), "{}", f.body);
+                assert!(
+                    f.body
+                        .trim_start()
+                        .starts_with("SELECT \"servicedb\".\"outbox_guard\"();"),
+                    "{}",
+                    f.body
+                );
                 assert!(f.body.contains("\"events\".\"outbox\""));
             }
         }
-        assert_eq!(fns[1].signature(), "\"servicedb\".\"outbox_claim\"(batch bigint)");
-        assert!(fns[0].body.contains("'\"events\".\"outbox\"'::pg_catalog.regclass"));
+        assert_eq!(
+            fns[1].signature(),
+            "\"servicedb\".\"outbox_claim\"(batch bigint)"
+        );
+        assert!(
+            fns[0]
+                .body
+                .contains("'\"events\".\"outbox\"'::pg_catalog.regclass")
+        );
     }
 
     #[test]

@@ -634,10 +634,12 @@ mod tests {
             assert!(!sql.contains("\"outbox\""), "{sql}");
         }
         assert!(
-            parse("table: outbox\nfunctionsSchema: 'x;y'\nsink: {kafka: {bootstrapServers: 'k:9092'}}")
-                .unwrap_err()
-                .to_string()
-                .contains("functionsSchema")
+            parse(
+                "table: outbox\nfunctionsSchema: 'x;y'\nsink: {kafka: {bootstrapServers: 'k:9092'}}"
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("functionsSchema")
         );
     }
 

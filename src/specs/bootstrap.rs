@@ -156,7 +156,10 @@ mod tests {
                 replication: true,
                 ..RolePlan::new(roles.relay.clone())
             }
-            .with_password(PersistedPassword::assume_persisted(Password::generate()), true),
+            .with_password(
+                PersistedPassword::assume_persisted(Password::generate()),
+                true,
+            ),
         );
         plan.outbox = Some(QualifiedName::parse("events.outbox").expect("name"));
         plan.outbox_publication = true;
@@ -173,10 +176,15 @@ mod tests {
         ] {
             assert!(sql.contains(marked), "{marked} missing: {sql}");
         }
-        assert!(sql.contains("CREATE SCHEMA IF NOT EXISTS \"servicedb\" AUTHORIZATION \"orders_outbox\""));
+        assert!(
+            sql.contains(
+                "CREATE SCHEMA IF NOT EXISTS \"servicedb\" AUTHORIZATION \"orders_outbox\""
+            )
+        );
         assert!(sql.contains("GRANT EXECUTE ON FUNCTION \"servicedb\".\"outbox_claim\"(batch bigint) TO \"orders_relay\""));
         assert!(
-            !sql.lines().any(|l| l.contains(" ON TABLE ") && l.contains("TO \"orders_relay\"")),
+            !sql.lines()
+                .any(|l| l.contains(" ON TABLE ") && l.contains("TO \"orders_relay\"")),
             "the relay gets no table privileges: {sql}"
         );
         assert!(sql.contains("\\connect \"orders\"\n"), "{sql}");
