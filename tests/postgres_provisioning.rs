@@ -1407,3 +1407,55 @@ async fn the_app_cannot_make_the_relay_run_code_of_its_choosing() {
     drop(relay);
     svc.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_bootstrapped_instance_is_already_converged() {
+    // The managed instance's first-start script, run by psql as the superuser (what the
+    // postgres image's entrypoint does), leaves nothing for provisioning to change.
+    let svc = Service::new("boot");
+    let mut plan = svc.plan();
+    plan.relay.as_mut().unwrap().replication = true;
+    plan.outbox_publication = true;
+    plan.extensions = vec![ident("pgcrypto")];
+    plan.cdc = Some(CdcPlan {
+        role: svc.cdc_role(true),
+        tables: vec![],
+    });
+    let script = servicedb::specs::bootstrap::bootstrap_sql(&plan);
+    let s = server();
+    let file = std::env::temp_dir().join(format!("bootstrap-{}.sql", svc.database));
+    std::fs::write(&file, &script).unwrap();
+    let out = tokio::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-X",
+            "-q",
+            "-h",
+            &s.host,
+            "-p",
+            &s.port.to_string(),
+        ])
+        .args(["-U", &s.user, "-d", "postgres", "-f"])
+        .arg(&file)
+        .env("PGPASSWORD", &s.password)
+        .output()
+        .await
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "bootstrap failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&file);
+    steady(&mut plan);
+    let report = provision(&superuser(), &plan).await.unwrap();
+    assert_eq!(report.changes, Vec::<String>::new(), "{report:?}");
+    assert!(report.warnings.is_empty(), "{report:?}");
+    svc.relay()
+        .await
+        .batch_execute(Service::CLAIM)
+        .await
+        .unwrap();
+    svc.cleanup().await;
+}
