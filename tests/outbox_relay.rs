@@ -161,6 +161,8 @@ async fn a_kafka_relay_deployment_runs_as_rendered_and_delivers_outbox_events() 
     assert!(cm.owner_references().iter().any(|o| o.uid == uid));
     let config = cm.data.expect("data")["relay.yaml"].clone();
     assert!(config.contains("table: public.outbox"), "{config}");
+    // The relay reaches the outbox only through the outbox owner's functions.
+    assert!(config.contains("functionsSchema: servicedb"), "{config}");
     let sa = ns.api::<ServiceAccount>().get("shop-events-relay").await?;
     assert_eq!(sa.automount_service_account_token, Some(false));
 

@@ -15,9 +15,10 @@ use servicedb::postgres::identifiers::{
     quote_ident,
 };
 use servicedb::postgres::inspect::inspect;
-use servicedb::postgres::passwords::Password;
+use servicedb::postgres::ownership::{ObjectKind, OwnerMark};
+use servicedb::postgres::passwords::{Password, PersistedPassword};
 use servicedb::postgres::provision::{
-    CdcPlan, DatabasePlan, RolePlan, provision, set_role_password,
+    CdcPlan, DatabasePlan, ProvisionError, RolePlan, provision, set_role_password,
 };
 use servicedb::postgres::slots::drop_slot;
 use tokio_postgres::Client;
@@ -81,10 +82,15 @@ fn ident(s: &str) -> Ident {
     Ident::new(s).unwrap()
 }
 
+fn persisted(p: &Password) -> PersistedPassword {
+    PersistedPassword::assume_persisted(p.clone())
+}
+
 /// A service's names and passwords, and the plan the controller would build for it.
 struct Service {
     roles: RoleNames,
     database: Ident,
+    owner: OwnerMark,
     app_pw: Password,
     relay_pw: Password,
     cdc_pw: Password,
@@ -97,6 +103,12 @@ impl Service {
         Service {
             database: roles.app.clone(),
             roles,
+            owner: OwnerMark::new(
+                "t-ns",
+                service.replace('_', "-"),
+                uuid::Uuid::new_v4().to_string(),
+            )
+            .unwrap(),
             app_pw: Password::generate(),
             relay_pw: Password::generate(),
             cdc_pw: Password::generate(),
@@ -105,27 +117,29 @@ impl Service {
 
     /// App + Poll relay + outbox, passwords set (first provisioning).
     fn plan(&self) -> DatabasePlan {
-        let mut plan = DatabasePlan::new(
-            self.database.clone(),
-            RolePlan {
-                set_password: Some(self.app_pw.clone()),
-                ..RolePlan::new(self.roles.app.clone())
-            },
+        let mut plan = DatabasePlan::new(self.database.clone(), self.owner.clone(), &self.roles);
+        plan.app = plan.app.with_password(persisted(&self.app_pw), true);
+        plan.relay = Some(
+            RolePlan::new(self.roles.relay.clone()).with_password(persisted(&self.relay_pw), true),
         );
-        plan.relay = Some(RolePlan {
-            set_password: Some(self.relay_pw.clone()),
-            ..RolePlan::new(self.roles.relay.clone())
-        });
         plan.outbox = Some(QualifiedName::parse("outbox").unwrap());
         plan
     }
 
-    /// The same plan in steady state: the controller sets no passwords.
+    /// The same plan in steady state: the passwords from the Secrets, none to reset.
     fn steady_plan(&self) -> DatabasePlan {
         let mut plan = self.plan();
-        plan.app.set_password = None;
-        plan.relay.as_mut().unwrap().set_password = None;
+        steady(&mut plan);
         plan
+    }
+
+    /// The cdc role's plan with its password.
+    fn cdc_role(&self, replication: bool) -> RolePlan {
+        RolePlan {
+            replication,
+            ..RolePlan::new(self.roles.cdc.clone())
+        }
+        .with_password(persisted(&self.cdc_pw), true)
     }
 
     fn role_names(&self) -> Vec<Ident> {
@@ -151,9 +165,33 @@ impl Service {
     }
 
     async fn cleanup(&self) {
-        deprovision(&superuser(), &self.database, &self.role_names())
-            .await
-            .expect("deprovision");
+        deprovision(
+            &superuser(),
+            &self.owner,
+            &self.database,
+            &self.role_names(),
+        )
+        .await
+        .expect("deprovision");
+    }
+
+    /// The relay's claim through the outbox owner's function.
+    const CLAIM: &'static str = "SELECT id, seq FROM servicedb.outbox_claim(100)";
+}
+
+/// No password to reset any more (the controller's steady state).
+fn steady(plan: &mut DatabasePlan) {
+    for role in [
+        Some(&mut plan.app),
+        plan.relay.as_mut(),
+        plan.cdc.as_mut().map(|c| &mut c.role),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(p) = &mut role.password {
+            p.reset = false;
+        }
     }
 }
 
@@ -195,35 +233,33 @@ async fn each_role_gets_exactly_its_privileges_and_nothing_else() {
         .get(0);
     assert_eq!(
         owner,
-        svc.roles.app.as_str(),
-        "the outbox belongs to the app role"
+        svc.roles.outbox.as_str(),
+        "the outbox belongs to the outbox role, neither to the app nor to the relay"
     );
 
-    // The relay reads and deletes outbox rows, and can do nothing else.
+    // The relay claims outbox rows through the outbox owner's function, and can do nothing else.
     let relay = svc.relay().await;
     let rows = relay
-        .query(
-            "SELECT id, seq, created_at, headers FROM outbox ORDER BY seq",
-            &[],
-        )
+        .query("SELECT id, seq FROM servicedb.outbox_claim(1)", &[])
         .await
         .unwrap();
-    assert_eq!(rows.len(), 2);
-    let deleted = relay
-        .execute(
-            "DELETE FROM outbox WHERE seq = $1",
-            &[&rows[0].get::<_, i64>(1)],
-        )
+    assert_eq!(rows.len(), 1);
+    let lag: i64 = relay
+        .query_one("SELECT lag_rows FROM servicedb.outbox_lag()", &[])
         .await
-        .unwrap();
-    assert_eq!(deleted, 1);
+        .unwrap()
+        .get(0);
+    assert_eq!(lag, 1);
     for denied in [
         "SELECT * FROM orders",
+        "SELECT id FROM outbox",
+        "DELETE FROM outbox",
         "INSERT INTO outbox (id, aggregatetype, aggregateid, type) VALUES (gen_random_uuid(), 'a', 'b', 'c')",
         "UPDATE outbox SET payload = '{}'",
         "TRUNCATE outbox",
         "CREATE TABLE relay_owned (id int)",
-        "SELECT id FROM outbox FOR UPDATE SKIP LOCKED",
+        "CREATE FUNCTION servicedb.x() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "SELECT servicedb.outbox_guard()",
     ] {
         let err = relay.batch_execute(denied).await.expect_err(denied);
         assert_eq!(sqlstate(&err), Some("42501"), "{denied}: {err:?}");
@@ -295,14 +331,9 @@ async fn provisioning_twice_changes_nothing() {
     plan.outbox = Some(QualifiedName::parse("events.outbox").unwrap());
     plan.relay.as_mut().unwrap().replication = true;
     plan.outbox_publication = true;
-    plan.relay_row_locks = true;
     plan.extensions = vec![ident("pgcrypto")];
     plan.cdc = Some(CdcPlan {
-        role: RolePlan {
-            set_password: Some(svc.cdc_pw.clone()),
-            replication: true,
-            ..RolePlan::new(svc.roles.cdc.clone())
-        },
+        role: svc.cdc_role(true),
         tables: vec![QualifiedName::parse("events.outbox").unwrap()],
     });
     let first = provision(&superuser(), &plan)
@@ -311,16 +342,7 @@ async fn provisioning_twice_changes_nothing() {
     assert!(first.changed());
 
     // The controller's steady state: no passwords to set.
-    for role in [
-        Some(&mut plan.app),
-        plan.relay.as_mut(),
-        plan.cdc.as_mut().map(|c| &mut c.role),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        role.set_password = None;
-    }
+    steady(&mut plan);
     let second = provision(&superuser(), &plan)
         .await
         .expect("second provision");
@@ -358,14 +380,12 @@ async fn provisioning_twice_changes_nothing() {
     assert_eq!(pubs, expected);
     svc.relay()
         .await
-        .batch_execute(
-            "BEGIN; SELECT id FROM events.outbox ORDER BY seq FOR UPDATE SKIP LOCKED; COMMIT",
-        )
+        .batch_execute(Service::CLAIM)
         .await
         .unwrap();
 
-    // Drift is repaired: REPLICATION and the row-lock grant go when no longer asked for, and
-    // privileges granted by hand beyond the plan are revoked.
+    // Drift is repaired: REPLICATION goes when no longer asked for, and privileges granted by
+    // hand beyond the plan are revoked.
     su.batch_execute(&format!(
         "GRANT INSERT, TRUNCATE ON events.outbox TO {}",
         svc.roles.relay.quoted()
@@ -373,7 +393,6 @@ async fn provisioning_twice_changes_nothing() {
     .await
     .unwrap();
     plan.relay.as_mut().unwrap().replication = false;
-    plan.relay_row_locks = false;
     plan.outbox_publication = false;
     let third = provision(&superuser(), &plan).await.unwrap();
     let relay = svc.roles.relay.as_str();
@@ -382,7 +401,6 @@ async fn provisioning_twice_changes_nothing() {
         vec![
             format!("altered role {relay}: NOREPLICATION"),
             format!("revoked INSERT, TRUNCATE on events.outbox from {relay}"),
-            format!("revoked UPDATE (created_at) on events.outbox from {relay}"),
             format!("dropped publication {}", outbox_publication(&outbox)),
         ]
     );
@@ -463,9 +481,14 @@ async fn a_password_set_from_a_verifier_logs_in_and_only_the_verifier_is_stored(
 
     // The Secret was lost: a new password, the old one stops working.
     let new_pw = Password::generate();
-    set_role_password(&superuser(), &svc.roles.app, &new_pw)
-        .await
-        .unwrap();
+    set_role_password(
+        &superuser(),
+        &svc.owner,
+        &svc.roles.app,
+        &persisted(&new_pw),
+    )
+    .await
+    .unwrap();
     let old = connect(&svc.login(&svc.roles.app, &svc.app_pw))
         .await
         .expect_err("old password still works");
@@ -500,9 +523,14 @@ async fn a_password_set_from_a_verifier_logs_in_and_only_the_verifier_is_stored(
         }
     }
 
-    let missing = set_role_password(&superuser(), &ident("t_no_such_role_x"), &new_pw)
-        .await
-        .unwrap_err();
+    let missing = set_role_password(
+        &superuser(),
+        &svc.owner,
+        &ident("t_no_such_role_x"),
+        &persisted(&new_pw),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(missing.category(), "RoleMissing");
     svc.cleanup().await;
 }
@@ -525,7 +553,7 @@ async fn deprovision_drops_slots_database_and_roles_and_can_run_again() {
         .unwrap();
     let sessions = svc.app().await; // an open session does not block the drop
 
-    let report = deprovision(&superuser(), &svc.database, &svc.role_names())
+    let report = deprovision(&superuser(), &svc.owner, &svc.database, &svc.role_names())
         .await
         .expect("deprovision");
     assert_eq!(
@@ -535,8 +563,10 @@ async fn deprovision_drops_slots_database_and_roles_and_can_run_again() {
             format!("dropped database {}", svc.database),
             format!("dropped role {}", svc.roles.app),
             format!("dropped role {}", svc.roles.relay),
+            format!("dropped role {}", svc.roles.outbox),
         ]
     );
+    assert!(report.skipped.is_empty(), "{report:?}");
     let su = connect(&superuser()).await.unwrap();
     let left: i64 = su
         .query_one(
@@ -557,7 +587,7 @@ async fn deprovision_drops_slots_database_and_roles_and_can_run_again() {
         .get(0);
     assert_eq!(left, 0);
     assert!(sessions.is_closed() || sessions.simple_query("SELECT 1").await.is_err());
-    let again = deprovision(&superuser(), &svc.database, &svc.role_names())
+    let again = deprovision(&superuser(), &svc.owner, &svc.database, &svc.role_names())
         .await
         .unwrap();
     assert!(again.changes.is_empty());
@@ -640,11 +670,7 @@ async fn cdc_role_reads_only_its_tables_and_missing_tables_are_reported_then_pic
     let orders = QualifiedName::parse("public.orders").unwrap();
     let absent = QualifiedName::parse("public.absent").unwrap();
     plan.cdc = Some(CdcPlan {
-        role: RolePlan {
-            set_password: Some(svc.cdc_pw.clone()),
-            replication: true,
-            ..RolePlan::new(svc.roles.cdc.clone())
-        },
+        role: svc.cdc_role(true),
         tables: vec![orders.clone(), absent.clone()],
     });
     let first = provision(&superuser(), &plan).await.unwrap();
@@ -709,32 +735,21 @@ async fn a_createdb_createrole_admin_that_is_not_superuser_can_do_all_of_it() {
     plan.outbox = Some(QualifiedName::parse("events.outbox").unwrap());
     plan.extensions = vec![ident("pgcrypto")]; // trusted: the database owner may create it
     plan.cdc = Some(CdcPlan {
-        role: RolePlan {
-            set_password: Some(svc.cdc_pw.clone()),
-            ..RolePlan::new(svc.roles.cdc.clone())
-        },
+        role: svc.cdc_role(false),
         tables: vec![QualifiedName::parse("events.outbox").unwrap()],
     });
     let report = provision(&admin, &plan)
         .await
         .expect("non-superuser provision");
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    for role in [
-        Some(&mut plan.app),
-        plan.relay.as_mut(),
-        plan.cdc.as_mut().map(|c| &mut c.role),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        role.set_password = None;
-    }
+    steady(&mut plan);
     assert_eq!(
         provision(&admin, &plan).await.unwrap().changes,
         Vec::<String>::new()
     );
 
-    // Same privileges as with a superuser admin, and nothing owned by the admin.
+    // Same privileges as with a superuser admin, and nothing owned by the admin: the app owns
+    // its tables and schema, the outbox role the outbox (with its index and sequence).
     let app = svc.app().await;
     app.batch_execute(
         "CREATE TABLE t (id int);
@@ -746,7 +761,7 @@ async fn a_createdb_createrole_admin_that_is_not_superuser_can_do_all_of_it() {
         .query(
             "SELECT DISTINCT pg_get_userbyid(relowner)::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname IN ('public', 'events') \
-             UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = 'events'",
+             UNION SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = 'events' ORDER BY 1",
             &[],
         )
         .await
@@ -754,19 +769,22 @@ async fn a_createdb_createrole_admin_that_is_not_superuser_can_do_all_of_it() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(owners, vec![svc.roles.app.to_string()]);
+    assert_eq!(
+        owners,
+        vec![svc.roles.app.to_string(), svc.roles.outbox.to_string()]
+    );
     let relay = svc.relay().await;
     relay
-        .batch_execute("DELETE FROM events.outbox")
+        .batch_execute(Service::CLAIM)
         .await
-        .expect("relay deletes");
+        .expect("relay claims");
     assert_eq!(
         sqlstate(&relay.batch_execute("SELECT * FROM t").await.unwrap_err()),
         Some("42501")
     );
 
     let new_pw = Password::generate();
-    set_role_password(&admin, &svc.roles.relay, &new_pw)
+    set_role_password(&admin, &svc.owner, &svc.roles.relay, &persisted(&new_pw))
         .await
         .expect("non-superuser sets a password");
     connect(&svc.login(&svc.roles.relay, &new_pw))
@@ -794,7 +812,7 @@ async fn a_createdb_createrole_admin_that_is_not_superuser_can_do_all_of_it() {
         }
     }
 
-    let gone = deprovision(&admin, &svc.database, &svc.role_names())
+    let gone = deprovision(&admin, &svc.owner, &svc.database, &svc.role_names())
         .await
         .expect("non-superuser deprovision");
     assert!(
@@ -954,5 +972,490 @@ async fn provisioning_behind_an_application_lock_fails_after_the_lock_timeout_in
         report.changes,
         vec!["created NOTIFY trigger outbox_notify on public.outbox".to_owned()]
     );
+    svc.cleanup().await;
+}
+
+/// Everything about a database and roles that a takeover would change: owner, ACL, marks and
+/// stored password verifiers.
+async fn snapshot(db: &Ident, roles: &[Ident]) -> Vec<Option<String>> {
+    let su = connect(&superuser()).await.unwrap();
+    let mut out: Vec<Option<String>> = su
+        .query_opt(
+            "SELECT pg_get_userbyid(datdba)::text, datacl::text, shobj_description(oid, 'pg_database') \
+             FROM pg_database WHERE datname = $1",
+            &[&db.as_str()],
+        )
+        .await
+        .unwrap()
+        .map(|r| vec![r.get(0), r.get(1), r.get(2)])
+        .unwrap_or_default();
+    for role in roles {
+        let row = su
+            .query_opt(
+                "SELECT rolpassword, rolcanlogin::text || rolreplication::text || rolinherit::text, \
+                 shobj_description(oid, 'pg_authid'), \
+                 (SELECT string_agg(m.member::regrole::text, ',') FROM pg_auth_members m WHERE m.roleid = a.oid) \
+                 FROM pg_authid a WHERE rolname = $1",
+                &[&role.as_str()],
+            )
+            .await
+            .unwrap();
+        match row {
+            Some(r) => out.extend([r.get(0), r.get(1), r.get(2), r.get(3)]),
+            None => out.push(None),
+        }
+    }
+    out
+}
+
+async fn comment_of_role(role: &Ident) -> Option<String> {
+    connect(&superuser())
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+            &[&role.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn comment_of_database(db: &Ident) -> Option<String> {
+    connect(&superuser())
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&db.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn another_servicedatabases_objects_are_a_name_conflict_and_stay_untouched() {
+    let first = Service::new("mine");
+    provision(&superuser(), &first.plan()).await.unwrap();
+    let mark = first.owner.format();
+    assert_eq!(
+        comment_of_database(&first.database).await.as_deref(),
+        Some(mark.as_str())
+    );
+    for role in [&first.roles.app, &first.roles.relay, &first.roles.outbox] {
+        assert_eq!(
+            comment_of_role(role).await.as_deref(),
+            Some(mark.as_str()),
+            "{role}"
+        );
+    }
+    let before = snapshot(&first.database, &first.role_names()).await;
+
+    // The same service name in another namespace: same derived names, another owner, new
+    // passwords, and even adopt=true.
+    let mut second = Service::new("mine");
+    second.roles = first.roles.clone();
+    second.database = first.database.clone();
+    second.owner = OwnerMark::new("t-other-ns", first.owner.name.clone(), "u-2").unwrap();
+    let mut plan = second.plan();
+    plan.adopt = true;
+    let err = provision(&superuser(), &plan).await.expect_err("took over");
+    assert_eq!(err.category(), "NameConflict", "{err}");
+    match &err {
+        ProvisionError::NameConflict { kind, name, holder } => {
+            assert_eq!(*kind, ObjectKind::Role);
+            assert_eq!(name, first.roles.app.as_str());
+            assert_eq!(
+                holder.as_ref(),
+                Some(&("t-ns".to_owned(), first.owner.name.clone()))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .contains(&format!("t-ns/{}", first.owner.name)),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&first.database, &first.role_names()).await,
+        before,
+        "something changed"
+    );
+    first.app().await; // the first's password still works
+    assert!(
+        connect(&second.login(&first.roles.app, &second.app_pw))
+            .await
+            .is_err()
+    );
+
+    // A conflict on the database alone (its roles are free) changes no role either.
+    let third = Service::new("dbonly");
+    let mut plan = third.plan();
+    plan.database = first.database.clone();
+    let err = provision(&superuser(), &plan)
+        .await
+        .expect_err("took the database");
+    assert!(
+        matches!(
+            &err,
+            ProvisionError::NameConflict {
+                kind: ObjectKind::Database,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        snapshot(&third.database, &third.role_names())
+            .await
+            .iter()
+            .all(Option::is_none),
+        "roles were created before the database conflict was found"
+    );
+
+    // Deleting the second leaves the first's objects.
+    let report = deprovision(
+        &superuser(),
+        &second.owner,
+        &first.database,
+        &first.role_names(),
+    )
+    .await
+    .unwrap();
+    assert!(report.changes.is_empty(), "{report:?}");
+    assert_eq!(report.skipped.len(), 4, "{report:?}");
+    assert_eq!(snapshot(&first.database, &first.role_names()).await, before);
+    first.cleanup().await;
+}
+
+#[tokio::test]
+async fn unmarked_objects_are_adopted_only_when_asked_and_a_recreated_owner_readopts_its_own() {
+    let svc = Service::new("hand");
+    let su = connect(&superuser()).await.unwrap();
+    let dba_pw = Password::generate();
+    su.batch_execute(&format!(
+        "CREATE ROLE {} LOGIN PASSWORD '{}'",
+        svc.roles.app.quoted(),
+        dba_pw.scram_verifier().as_str(),
+    ))
+    .await
+    .unwrap();
+    su.batch_execute(&format!(
+        "CREATE DATABASE {} OWNER {}",
+        svc.database.quoted(),
+        svc.roles.app.quoted()
+    ))
+    .await
+    .unwrap();
+    su.batch_execute(&format!(
+        "GRANT CONNECT ON DATABASE {} TO PUBLIC",
+        svc.database.quoted()
+    ))
+    .await
+    .unwrap();
+    let before = snapshot(&svc.database, &svc.role_names()).await;
+
+    let err = provision(&superuser(), &svc.plan())
+        .await
+        .expect_err("adopted");
+    match &err {
+        ProvisionError::NameConflict { holder, .. } => assert!(holder.is_none()),
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("database.adopt: true"), "{err}");
+    assert_eq!(snapshot(&svc.database, &svc.role_names()).await, before);
+    connect(&svc.login(&svc.roles.app, &dba_pw))
+        .await
+        .expect("the DBA's password changed");
+    // Delete never drops unmarked objects.
+    let report = deprovision(&superuser(), &svc.owner, &svc.database, &svc.role_names())
+        .await
+        .unwrap();
+    assert!(
+        report.changes.is_empty() && report.skipped.len() == 2,
+        "{report:?}"
+    );
+    assert_eq!(snapshot(&svc.database, &svc.role_names()).await, before);
+
+    // With the opt-in: marked, owned, PUBLIC locked out, password from the plan.
+    let mut plan = svc.plan();
+    plan.adopt = true;
+    let report = provision(&superuser(), &plan).await.expect("adopt");
+    assert!(
+        report.changes.contains(&format!(
+            "marked role {} as {}",
+            svc.roles.app,
+            svc.owner.key()
+        )),
+        "{report:?}"
+    );
+    assert_eq!(
+        comment_of_database(&svc.database).await,
+        Some(svc.owner.format())
+    );
+    svc.app().await;
+    let public_connect: bool = su
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database d, aclexplode(d.datacl) a \
+             WHERE d.datname = $1 AND a.grantee = 0 AND a.privilege_type = 'CONNECT')",
+            &[&svc.database.as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!public_connect);
+
+    // The ServiceDatabase is deleted with Retain and created again: same namespace and name,
+    // new uid. It re-adopts its own objects without the opt-in and rewrites the uid.
+    let mut again = svc.steady_plan();
+    again.owner = OwnerMark::new("t-ns", svc.owner.name.clone(), "new-uid").unwrap();
+    let report = provision(&superuser(), &again).await.expect("re-adopt");
+    assert!(
+        report
+            .changes
+            .iter()
+            .any(|c| c.starts_with("marked database")),
+        "{report:?}"
+    );
+    assert_eq!(
+        comment_of_role(&svc.roles.app).await,
+        Some(again.owner.format())
+    );
+    assert!(
+        provision(&superuser(), &again)
+            .await
+            .unwrap()
+            .changes
+            .is_empty()
+    );
+    deprovision(&superuser(), &again.owner, &svc.database, &svc.role_names())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn new_databases_are_created_from_template0_and_carry_no_template1_objects() {
+    // template1 of the shared server is not ours to touch: check what the database was made
+    // from through what only template0 guarantees (no objects outside the catalogs and no
+    // extensions beyond plpgsql), and the statement itself in the unit tests.
+    let svc = Service::new("tmpl");
+    provision(&superuser(), &svc.plan()).await.unwrap();
+    let su = superuser_in(&svc.database).await;
+    let extensions: Vec<String> = su
+        .query("SELECT extname::text FROM pg_extension ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(extensions, vec!["plpgsql".to_owned()]);
+    svc.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_role_dropped_by_hand_comes_back_with_the_password_from_its_secret() {
+    let svc = Service::new("drift");
+    provision(&superuser(), &svc.plan()).await.unwrap();
+    superuser_in(&svc.database)
+        .await
+        .batch_execute(&format!("DROP OWNED BY {}", svc.roles.relay.quoted()))
+        .await
+        .unwrap();
+    connect(&superuser())
+        .await
+        .unwrap()
+        .batch_execute(&format!("DROP ROLE {}", svc.roles.relay.quoted()))
+        .await
+        .unwrap();
+    // Steady state: nothing to reset, yet the re-created role gets the stored password.
+    let report = provision(&superuser(), &svc.steady_plan()).await.unwrap();
+    assert!(
+        report
+            .changes
+            .contains(&format!("created role {}", svc.roles.relay)),
+        "{report:?}"
+    );
+    svc.relay()
+        .await
+        .batch_execute(Service::CLAIM)
+        .await
+        .expect("the re-created relay role logs in and claims");
+    svc.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_retired_cdc_role_is_dropped_and_cannot_log_in() {
+    let svc = Service::new("retire");
+    let mut plan = svc.plan();
+    plan.cdc = Some(CdcPlan {
+        role: svc.cdc_role(true),
+        tables: vec![QualifiedName::parse("outbox").unwrap()],
+    });
+    provision(&superuser(), &plan).await.unwrap();
+    connect(&svc.login(&svc.roles.cdc, &svc.cdc_pw))
+        .await
+        .expect("cdc login");
+
+    let mut plan = svc.steady_plan();
+    plan.retired_roles = vec![svc.roles.cdc.clone()];
+    let report = provision(&superuser(), &plan).await.unwrap();
+    assert!(
+        report
+            .changes
+            .contains(&format!("dropped retired role {}", svc.roles.cdc)),
+        "{report:?}"
+    );
+    let err = connect(&svc.login(&svc.roles.cdc, &svc.cdc_pw))
+        .await
+        .expect_err("the retired cdc role logs in");
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+    assert!(
+        provision(&superuser(), &plan)
+            .await
+            .unwrap()
+            .changes
+            .is_empty()
+    );
+
+    // A foreign role with the retired name is left alone.
+    let other = Service::new("retire-other");
+    let su = connect(&superuser()).await.unwrap();
+    su.batch_execute(&format!("CREATE ROLE {} LOGIN", other.roles.cdc.quoted()))
+        .await
+        .unwrap();
+    let mut plan = other.steady_plan();
+    plan.retired_roles = vec![other.roles.cdc.clone()];
+    let report = provision(&superuser(), &plan).await.unwrap();
+    assert!(
+        report.warnings.iter().any(|w| w.contains("not marked")),
+        "{report:?}"
+    );
+    su.batch_execute(&format!("DROP ROLE {}", other.roles.cdc.quoted()))
+        .await
+        .unwrap();
+    other.cleanup().await;
+    svc.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_app_cannot_make_the_relay_run_code_of_its_choosing() {
+    let svc = Service::new("spy");
+    provision(&superuser(), &svc.plan()).await.unwrap();
+    let app = svc.app().await;
+    app.batch_execute(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type) VALUES (gen_random_uuid(), 'a', '1', 't')",
+    )
+    .await
+    .unwrap();
+    app.batch_execute(
+        "CREATE TABLE spy (who text, replication bool);
+         GRANT INSERT ON spy TO PUBLIC;
+         CREATE FUNCTION record() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO public.spy SELECT current_user, rolreplication FROM pg_roles WHERE rolname = current_user;
+           RETURN OLD; END $$;",
+    )
+    .await
+    .unwrap();
+    // The app owns neither the outbox nor the relay's functions.
+    for denied in [
+        "CREATE TRIGGER t BEFORE DELETE ON outbox FOR EACH ROW EXECUTE FUNCTION record()",
+        "CREATE RULE r AS ON DELETE TO outbox DO ALSO INSERT INTO spy VALUES ('rule', false)",
+        "ALTER TABLE outbox ENABLE ROW LEVEL SECURITY",
+        "ALTER FUNCTION servicedb.outbox_claim(bigint) SECURITY INVOKER",
+        "CREATE OR REPLACE FUNCTION servicedb.outbox_guard() RETURNS void LANGUAGE sql AS ''",
+        "CREATE TABLE servicedb.outbox (id int)",
+        "SELECT * FROM servicedb.outbox_claim(1)",
+    ] {
+        let err = app.batch_execute(denied).await.expect_err(denied);
+        assert_eq!(sqlstate(&err), Some("42501"), "{denied}: {err:?}");
+    }
+    let relay = svc.relay().await;
+    assert_eq!(relay.query(Service::CLAIM, &[]).await.unwrap().len(), 1);
+
+    // The app owns schema public: it drops the outbox and puts a view with an INSTEAD OF
+    // trigger in its place. The relay's claim refuses to touch it; the trigger never runs.
+    app.batch_execute(
+        "DROP TABLE outbox;
+         CREATE VIEW outbox AS SELECT gen_random_uuid() AS id, 'a'::text AS aggregatetype, '1'::text AS aggregateid,
+           't'::text AS type, NULL::jsonb AS payload, NULL::jsonb AS headers, now() AS created_at, 1::bigint AS seq;
+         CREATE TRIGGER t INSTEAD OF DELETE ON outbox FOR EACH ROW EXECUTE FUNCTION record();
+         GRANT SELECT, DELETE ON outbox TO PUBLIC;",
+    )
+    .await
+    .unwrap();
+    for call in [
+        Service::CLAIM,
+        "SELECT servicedb.outbox_delete(ARRAY[gen_random_uuid()])",
+        "SELECT * FROM servicedb.outbox_lag()",
+    ] {
+        let err = relay.batch_execute(call).await.expect_err(call);
+        assert_eq!(sqlstate(&err), Some("42501"), "{call}: {err:?}");
+    }
+    // Even a direct DELETE by the relay is not allowed... and would run as the relay: that is
+    // exactly why the relay has no table privileges. Nothing ran as anyone.
+    let spied: i64 = app
+        .query_one("SELECT count(*) FROM spy", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spied, 0, "the app's trigger ran during the relay's claim");
+
+    // And provisioning puts a real outbox back (the view is the app's; a table of the same
+    // name cannot coexist, so provisioning fails loudly rather than touching the app's view).
+    drop(relay);
+    svc.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_bootstrapped_instance_is_already_converged() {
+    // The managed instance's first-start script, run by psql as the superuser (what the
+    // postgres image's entrypoint does), leaves nothing for provisioning to change.
+    let svc = Service::new("boot");
+    let mut plan = svc.plan();
+    plan.relay.as_mut().unwrap().replication = true;
+    plan.outbox_publication = true;
+    plan.extensions = vec![ident("pgcrypto")];
+    plan.cdc = Some(CdcPlan {
+        role: svc.cdc_role(true),
+        tables: vec![],
+    });
+    let script = servicedb::specs::bootstrap::bootstrap_sql(&plan);
+    let s = server();
+    let file = std::env::temp_dir().join(format!("bootstrap-{}.sql", svc.database));
+    std::fs::write(&file, &script).unwrap();
+    let out = tokio::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-X",
+            "-q",
+            "-h",
+            &s.host,
+            "-p",
+            &s.port.to_string(),
+        ])
+        .args(["-U", &s.user, "-d", "postgres", "-f"])
+        .arg(&file)
+        .env("PGPASSWORD", &s.password)
+        .output()
+        .await
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "bootstrap failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&file);
+    steady(&mut plan);
+    let report = provision(&superuser(), &plan).await.unwrap();
+    assert_eq!(report.changes, Vec::<String>::new(), "{report:?}");
+    assert!(report.warnings.is_empty(), "{report:?}");
+    svc.relay()
+        .await
+        .batch_execute(Service::CLAIM)
+        .await
+        .unwrap();
     svc.cleanup().await;
 }

@@ -105,11 +105,18 @@ async fn external_database_gets_exactly_least_privilege_roles() -> Result<()> {
     )
     .await?;
 
-    // The relay role reads and deletes outbox rows, and nothing else.
+    // The relay role claims outbox rows through the outbox owner's function, and does nothing
+    // else (not even read the table directly).
     let relay = connect_uri(&uri_of(&ns, "orders-relay").await?).await?;
-    let rows = relay.query("SELECT id FROM outbox", &[]).await?;
+    let rows = relay
+        .query("SELECT id FROM servicedb.outbox_claim(10)", &[])
+        .await?;
     assert_eq!(rows.len(), 1);
-    assert_eq!(relay.execute("DELETE FROM outbox", &[]).await?, 1);
+    let denied = relay
+        .query("SELECT id FROM outbox", &[])
+        .await
+        .expect_err("relay read the outbox table directly");
+    assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
     let denied = relay
         .query("SELECT * FROM private_orders", &[])
         .await
@@ -339,6 +346,9 @@ async fn retain_keeps_the_database_and_delete_drops_it() -> Result<()> {
         .batch_execute(&format!("DROP ROLE \"{db}_relay\""))
         .await?;
     admin.batch_execute(&format!("DROP ROLE \"{db}\"")).await?;
+    admin
+        .batch_execute(&format!("DROP ROLE \"{db}_outbox\""))
+        .await?;
     Ok(())
 }
 
@@ -492,10 +502,15 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
     })
     .await?;
     support::mark_pod_ready(&ns.client, &ns.name, "orders-db-0").await?;
-    let ready = wait_condition(&api, "orders", "Ready", "True", support::TIMEOUT).await?;
+    // A Ready pod is not enough: the operator converges the database over the instance's
+    // Service on every reconcile, and this test environment runs no real instance behind the
+    // pod, so the database is reported unreachable instead of Ready.
+    wait_condition(&api, "orders", "InstanceReady", "True", support::TIMEOUT).await?;
+    let degraded =
+        wait_condition(&api, "orders", "DatabaseReady", "False", support::TIMEOUT).await?;
     assert_eq!(
-        ready.status.and_then(|s| s.phase),
-        Some(servicedb::api::service_database::Phase::Ready)
+        degraded.status.and_then(|s| s.phase),
+        Some(servicedb::api::service_database::Phase::Degraded)
     );
 
     // Deleting the CR garbage-collects every child (the controller manager runs the GC).
@@ -566,6 +581,225 @@ async fn a_broken_servicedatabase_reports_why_and_does_not_hold_up_the_others() 
     )
     .await?;
     wait_condition(&api, "broken", "Ready", "True", support::TIMEOUT).await?;
+    Ok(())
+}
+
+/// Owner, ACL and mark of a database, and each role's stored verifier and mark: what a takeover
+/// would change.
+async fn server_state(db: &str) -> Result<Vec<Option<String>>> {
+    let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
+    let mut out: Vec<Option<String>> = Vec::new();
+    if let Some(r) = admin
+        .query_opt(
+            "SELECT pg_get_userbyid(datdba)::text, datacl::text, shobj_description(oid, 'pg_database') \
+             FROM pg_database WHERE datname = $1",
+            &[&db],
+        )
+        .await?
+    {
+        out.extend([r.get(0), r.get(1), r.get(2)]);
+    }
+    for role in [db.to_owned(), format!("{db}_relay"), format!("{db}_outbox")] {
+        let r = admin
+            .query_opt(
+                "SELECT rolpassword, shobj_description(oid, 'pg_authid') FROM pg_authid WHERE rolname = $1",
+                &[&role],
+            )
+            .await?;
+        out.extend(r.map(|r| [r.get(0), r.get(1)]).unwrap_or_default());
+    }
+    Ok(out)
+}
+
+fn condition_message(sdb: &ServiceDatabase, type_: &str) -> (String, String) {
+    sdb.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_same_service_in_two_namespaces_is_a_name_conflict_and_the_first_stays_intact()
+-> Result<()> {
+    let first = support::TestNamespace::new("sdb-own-a").await?;
+    let second = support::TestNamespace::new("sdb-own-b").await?;
+    let _op1 = Operator::start(&first.name).await?;
+    let _op2 = Operator::start(&second.name).await?;
+    create_admin_secret(&first, "pg-admin").await?;
+    create_admin_secret(&second, "pg-admin").await?;
+    let service = format!("shared-{}", support::random_suffix());
+    let db = service.replace('-', "_");
+    create(&first, external_sdb("orders", &service, "Delete")).await?;
+    wait_condition(
+        &first.api::<ServiceDatabase>(),
+        "orders",
+        "Ready",
+        "True",
+        support::TIMEOUT,
+    )
+    .await?;
+    let first_uri = uri_of(&first, "orders-app").await?;
+    let before = server_state(&db).await?;
+
+    create(&second, external_sdb("orders", &service, "Delete")).await?;
+    let api2 = second.api::<ServiceDatabase>();
+    let conflicted = wait_condition(&api2, "orders", "Ready", "False", support::TIMEOUT).await?;
+    let (reason, message) = condition_message(&conflicted, "Ready");
+    assert_eq!(reason, "NameConflict", "{message}");
+    assert!(
+        message.contains(&format!("{}/orders", first.name)),
+        "the message does not name the holder: {message}"
+    );
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "the first's objects changed"
+    );
+    connect_uri(&first_uri).await?;
+
+    // Deleting the second (policy Delete) drops nothing of the first's.
+    api2.delete("orders", &DeleteParams::default()).await?;
+    support::wait_until("the second to be deleted", support::TIMEOUT, || {
+        let api = api2.clone();
+        async move {
+            api.get_opt("orders")
+                .await
+                .ok()
+                .and_then(|o| o.is_none().then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "Delete of the second touched the first's"
+    );
+    connect_uri(&first_uri).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_database_and_role_made_by_hand_are_adopted_only_with_the_opt_in() -> Result<()> {
+    let ns = support::TestNamespace::new("sdb-adopt").await?;
+    let _op = Operator::start(&ns.name).await?;
+    create_admin_secret(&ns, "pg-admin").await?;
+    let service = format!("legacy-{}", support::random_suffix());
+    let db = service.replace('-', "_");
+    let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{db}\" LOGIN PASSWORD 'dba-pw'"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{db}\" OWNER \"{db}\""))
+        .await?;
+    let before = server_state(&db).await?;
+
+    let mut obj = external_sdb("legacy", &service, "Delete");
+    create(&ns, obj.clone()).await?;
+    let api = ns.api::<ServiceDatabase>();
+    let conflicted = wait_condition(&api, "legacy", "Ready", "False", support::TIMEOUT).await?;
+    let (reason, message) = condition_message(&conflicted, "Ready");
+    assert_eq!(reason, "NameConflict", "{message}");
+    assert!(message.contains("adopt"), "{message}");
+    assert_eq!(
+        server_state(&db).await?,
+        before,
+        "an unmarked object was changed"
+    );
+
+    // The opt-in adopts them: the app logs in with the operator's password.
+    obj["spec"]["database"] = json!({"adopt": true});
+    api.patch(
+        "legacy",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"database": {"adopt": true}}})),
+    )
+    .await?;
+    wait_condition(&api, "legacy", "Ready", "True", support::TIMEOUT).await?;
+    connect_uri(&uri_of(&ns, "legacy-app").await?).await?;
+    let mark: Option<String> = admin
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&db],
+        )
+        .await?
+        .get(0);
+    assert!(
+        mark.is_some_and(|m| m.contains(&format!("ns={} name=legacy", ns.name))),
+        "not marked"
+    );
+    api.delete("legacy", &DeleteParams::default()).await?;
+    support::wait_until("the database to be dropped", support::TIMEOUT, || async {
+        (!database_exists(&db).await.ok()?).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dropped_app_role_comes_back_with_its_secrets_password_and_removing_cdc_locks_its_role_out()
+-> Result<()> {
+    let ns = support::TestNamespace::new("sdb-drift").await?;
+    let op = Operator::start(&ns.name).await?;
+    create_admin_secret(&ns, "pg-admin").await?;
+    let service = format!("drift-{}", support::random_suffix());
+    let db = service.replace('-', "_");
+    let mut obj = external_sdb("drift", &service, "Delete");
+    obj["spec"]["cdc"] = json!({
+        "tables": ["public.outbox"],
+        "kafkaConnect": {"url": "http://127.0.0.1:1"},
+        "topicPrefix": "drift",
+    });
+    create(&ns, obj).await?;
+    let api = ns.api::<ServiceDatabase>();
+    wait_condition(&api, "drift", "DatabaseReady", "True", support::TIMEOUT).await?;
+    let app_uri = uri_of(&ns, "drift-app").await?;
+    let cdc_uri = uri_of(&ns, "drift-cdc").await?;
+    connect_uri(&cdc_uri).await?;
+
+    // A DBA drops the app role (handing its objects to the admin first, as Postgres requires).
+    let admin = support::pg_connect(&support::env().pg_config("postgres")).await?;
+    let in_db = support::pg_connect(&support::env().pg_config(&db)).await?;
+    in_db
+        .batch_execute(&format!(
+            "REASSIGN OWNED BY \"{db}\" TO CURRENT_USER; DROP OWNED BY \"{db}\""
+        ))
+        .await?;
+    drop(in_db);
+    admin.batch_execute(&format!("DROP ROLE \"{db}\"")).await?;
+    assert!(connect_uri(&app_uri).await.is_err());
+    // Any change (or the resync) reconciles; the role comes back with the Secret's password.
+    api.patch(
+        "drift",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "1"}}})),
+    )
+    .await?;
+    support::wait_until("the app role to log in again", support::TIMEOUT, || {
+        let uri = app_uri.clone();
+        async move { connect_uri(&uri).await.ok().map(|_| ()) }
+    })
+    .await?;
+    assert_eq!(
+        uri_of(&ns, "drift-app").await?,
+        app_uri,
+        "the Secret changed"
+    );
+
+    // Removing cdc retires its role: it cannot log in any more.
+    api.patch(
+        "drift",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"cdc": null}})),
+    )
+    .await?;
+    support::wait_until("the cdc role to be locked out", support::TIMEOUT, || {
+        let uri = cdc_uri.clone();
+        async move { connect_uri(&uri).await.is_err().then_some(()) }
+    })
+    .await?;
+    drop(op);
     Ok(())
 }
 

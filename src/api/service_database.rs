@@ -264,6 +264,17 @@ pub struct DatabaseSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub extensions: Vec<Identifier>,
+
+    /// Adopt a database and roles with the derived names that already exist on the server but
+    /// carry no servicedb ownership mark (created by hand, or by an operator version before
+    /// marks). Adoption marks them as this ServiceDatabase's, makes the owner role the
+    /// database's owner, revokes CONNECT and TEMPORARY from PUBLIC, and from then on manages
+    /// the roles' attributes, passwords and grants like its own (and `deletionPolicy: Delete`
+    /// drops them). Objects marked as another ServiceDatabase's are never adopted. Default
+    /// false: an unmarked object with the same name is a `NameConflict`. Implied on managed
+    /// instances, whose server belongs to this ServiceDatabase alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
 }
 
 /// A Postgres identifier: lowercase letters, digits and `_`, starting with a letter or `_`, at

@@ -31,8 +31,8 @@ use crate::api::service_database::{
     ServiceDatabaseStatus,
 };
 use crate::postgres::{
-    self, ConnectParams, DatabasePlan, Ident, Password, QualifiedName, RoleNames,
-    SslMode as PgSslMode,
+    self, ConnectParams, DatabasePlan, Ident, OwnerMark, Password, PersistedPassword,
+    QualifiedName, RoleNames, SslMode as PgSslMode,
 };
 use crate::specs::bootstrap;
 use crate::specs::credentials::{
@@ -195,11 +195,24 @@ fn desire(
         reason: "InvalidOwnerService",
         message: e.to_string(),
     })?;
-    // The schema already enforces identifier patterns; this is the second line of defence.
-    let plan = DatabasePlan::for_spec(&sdb.spec, logical_relay).map_err(|e| Invalid {
+    let owner = OwnerMark::new(
+        sdb.namespace().unwrap_or_default(),
+        sdb.name_any(),
+        sdb.uid().unwrap_or_default(),
+    )
+    .map_err(|e| Invalid {
         reason: "InvalidIdentifier",
         message: e.to_string(),
     })?;
+    // The schema already enforces identifier patterns; this is the second line of defence.
+    let mut plan =
+        DatabasePlan::for_spec(&sdb.spec, owner, logical_relay).map_err(|e| Invalid {
+            reason: "InvalidIdentifier",
+            message: e.to_string(),
+        })?;
+    // A managed instance's server belongs to this ServiceDatabase alone (and instances
+    // bootstrapped before marks existed carry none): adopting there takes nothing from anyone.
+    plan.adopt |= sdb.spec.instance.managed.is_some();
     Ok(Desire {
         names: DatabaseNames::new(&sdb.name_any()),
         roles,
@@ -621,14 +634,11 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
-    // Provision in the database: idempotent; skipped for a bootstrapped managed instance with
-    // nothing pending (its first start ran the same plan).
-    let pending = creds.iter().any(|c| !c.applied);
-    let needs_sql = sdb.spec.instance.external.is_some()
-        || pending
-        || sdb.status.as_ref().and_then(|s| s.observed_generation) != sdb.meta().generation;
+    // Provision in the database on every reconcile, managed or external: idempotent (catalog
+    // reads only when nothing drifted), so a failed first-start script, a role dropped by hand
+    // or a relay added later are repaired instead of reported Ready.
     let mut missing_cdc = Vec::new();
-    if needs_sql && let Some(admin) = &target.admin {
+    if let Some(admin) = &target.admin {
         let plan = plan_for(&desire, &creds, false);
         match postgres::provision::provision(admin, &plan).await {
             Ok(report) => {
@@ -810,22 +820,36 @@ fn role_secret(
     )
 }
 
-/// The database plan: passwords are set for roles whose Secret is not `applied` (or, for a
-/// bootstrap, for every role).
+/// The database plan: every role carries the password its Secret holds (a role re-created by
+/// drift repair gets it back); it is set on an existing role only when the Secret is not
+/// `applied` (or, for a bootstrap, always).
+///
+/// Invariant: the passwords come from Secrets read back in this reconcile or written as
+/// `pending` before `provision` runs. The bootstrap script is rendered before the role Secrets
+/// are written, but it only runs when the pod starts; should the operator stop in between, the
+/// next reconcile finds no Secret, generates and stores a new password and sets it (`reset`).
 fn plan_for(desire: &Desire, creds: &[RoleCredentials], bootstrap: bool) -> DatabasePlan {
     let mut plan = desire.plan.clone();
     let password = |purpose: &str| {
-        creds
-            .iter()
-            .find(|c| c.purpose == purpose)
-            .and_then(|c| (bootstrap || !c.applied).then(|| c.password.clone()))
+        creds.iter().find(|c| c.purpose == purpose).map(|c| {
+            (
+                PersistedPassword::assume_persisted(c.password.clone()),
+                bootstrap || !c.applied,
+            )
+        })
     };
-    plan.app.set_password = password("app");
-    if let Some(relay) = &mut plan.relay {
-        relay.set_password = password("relay");
+    if let Some((p, reset)) = password("app") {
+        plan.app = plan.app.with_password(p, reset);
     }
-    if let Some(cdc) = &mut plan.cdc {
-        cdc.role.set_password = password("cdc");
+    if let Some(relay) = &mut plan.relay
+        && let Some((p, reset)) = password("relay")
+    {
+        *relay = relay.clone().with_password(p, reset);
+    }
+    if let Some(cdc) = &mut plan.cdc
+        && let Some((p, reset)) = password("cdc")
+    {
+        cdc.role = cdc.role.clone().with_password(p, reset);
     }
     plan
 }
@@ -1231,12 +1255,24 @@ async fn drop_external_database(
             });
         }
     };
-    let roles = [
-        desire.roles.app.clone(),
-        desire.roles.relay.clone(),
-        desire.roles.cdc.clone(),
-    ];
-    let report = postgres::deprovision::deprovision(&admin, &desire.plan.database, &roles).await?;
+    let roles: Vec<Ident> = desire.roles.all().into_iter().cloned().collect();
+    let report = postgres::deprovision::deprovision(
+        &admin,
+        &desire.plan.owner,
+        &desire.plan.database,
+        &roles,
+    )
+    .await?;
+    if !report.skipped.is_empty() {
+        ctx.event(
+            sdb,
+            EventType::Warning,
+            "NotOurs",
+            "Delete",
+            format!("left alone: {}", report.skipped.join("; ")),
+        )
+        .await;
+    }
     ctx.event(
         sdb,
         EventType::Normal,

@@ -245,6 +245,16 @@ impl Literal {
         Literal(quote_literal(ident.as_str()))
     }
 
+    /// A quoted relation name used as a value (`'"public"."outbox"'::regclass`).
+    pub fn from_qualified(name: &QualifiedName) -> Literal {
+        Literal(quote_literal(&name.quoted()))
+    }
+
+    /// An ownership mark (its parts are validated Kubernetes names and uids).
+    pub fn from_mark(mark: &super::ownership::OwnerMark) -> Literal {
+        Literal(quote_literal(&mark.format()))
+    }
+
     /// The quoted literal, ready for SQL text.
     pub fn as_sql(&self) -> &str {
         &self.0
@@ -273,6 +283,9 @@ pub struct RoleNames {
     pub relay: Ident,
     /// The CDC role (`orders_api_cdc`): replication plus SELECT on the CDC tables.
     pub cdc: Ident,
+    /// The outbox owner (`orders_api_outbox`): NOLOGIN; owns the outbox table and the
+    /// SECURITY DEFINER functions the relay calls, so neither the app nor the relay owns them.
+    pub outbox: Ident,
 }
 
 impl RoleNames {
@@ -291,12 +304,13 @@ impl RoleNames {
             app: make(base.clone())?,
             relay: make(format!("{base}_relay"))?,
             cdc: make(format!("{base}_cdc"))?,
+            outbox: make(format!("{base}_outbox"))?,
         })
     }
 
-    /// All three names, app first.
-    pub fn all(&self) -> [&Ident; 3] {
-        [&self.app, &self.relay, &self.cdc]
+    /// All four names, app first, the outbox owner last (it is dropped after the others).
+    pub fn all(&self) -> [&Ident; 4] {
+        [&self.app, &self.relay, &self.cdc, &self.outbox]
     }
 }
 
@@ -319,6 +333,24 @@ pub fn outbox_notify_trigger(outbox: &QualifiedName) -> Ident {
 /// The index on the outbox ordering column.
 pub fn outbox_seq_index(outbox: &QualifiedName) -> Ident {
     outbox.name.with_suffix("_seq_idx")
+}
+
+/// The schema holding the outbox functions the relay calls (owned by the outbox role; neither
+/// the app nor the relay may create in it).
+pub const FUNCTIONS_SCHEMA: &str = "servicedb";
+
+/// [`FUNCTIONS_SCHEMA`] as an identifier.
+pub fn functions_schema() -> Ident {
+    Ident(FUNCTIONS_SCHEMA.to_owned())
+}
+
+/// The schema untrusted extensions go into when a superuser creates them (owned by the admin;
+/// the app gets USAGE only, so it cannot plant objects the extension script would pick up).
+pub const EXTENSIONS_SCHEMA: &str = "servicedb_ext";
+
+/// [`EXTENSIONS_SCHEMA`] as an identifier.
+pub fn extensions_schema() -> Ident {
+    Ident(EXTENSIONS_SCHEMA.to_owned())
 }
 
 /// The publication Debezium reads for CDC: `<dbname>_cdc_pub`.
@@ -389,8 +421,9 @@ mod tests {
         assert_eq!(r.app.as_str(), "orders_api");
         assert_eq!(r.relay.as_str(), "orders_api_relay");
         assert_eq!(r.cdc.as_str(), "orders_api_cdc");
-        // 58 + "_relay" = 64 bytes: refused, never truncated.
-        assert!(RoleNames::for_service(&"a".repeat(58)).is_err());
+        assert_eq!(r.outbox.as_str(), "orders_api_outbox");
+        // 57 + "_outbox" = 64 bytes: refused, never truncated (admission caps services at 40).
+        assert!(RoleNames::for_service(&"a".repeat(57)).is_err());
         assert!(RoleNames::for_service("Orders").is_err());
     }
 

@@ -279,26 +279,6 @@ pub(crate) async fn table_columns<C: GenericClient + Sync>(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-pub(crate) async fn trigger_exists<C: GenericClient + Sync>(
-    client: &C,
-    table: &QualifiedName,
-    trigger: &Ident,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = $3",
-            &[
-                &table.schema.as_str(),
-                &table.name.as_str(),
-                &trigger.as_str(),
-            ],
-        )
-        .await?
-        .is_some())
-}
-
 /// Privileges granted directly to `role` on `table`, from the ACL itself (ownership and
 /// PUBLIC grants are not counted: this is what we granted, hence what we may revoke).
 pub(crate) async fn table_privileges<C: GenericClient + Sync>(

@@ -7,7 +7,11 @@
 //! - [`provision::provision`] with a [`provision::DatabasePlan`]: converge database, roles,
 //!   grants, outbox and publications (idempotent; a second run changes nothing).
 //! - [`provision::set_role_password`]: a credentials Secret was lost; set a new password.
-//! - [`deprovision::deprovision`]: `deletionPolicy: Delete`.
+//! - [`deprovision::deprovision`]: `deletionPolicy: Delete` (drops only objects marked ours).
+//!
+//! Every database and role the operator creates carries an ownership mark
+//! ([`ownership::OwnerMark`], a `COMMENT ON`); nothing unmarked or marked as another
+//! ServiceDatabase's is ever altered, granted to, or dropped.
 //! - [`slots::drop_slot`]: a Logical relay went away.
 //! - [`inspect::inspect`]: what exists, for status.
 
@@ -15,6 +19,7 @@ pub mod connect;
 pub mod deprovision;
 pub mod identifiers;
 pub mod inspect;
+pub mod ownership;
 pub mod passwords;
 pub mod provision;
 pub mod slots;
@@ -25,8 +30,11 @@ use std::fmt;
 
 pub use connect::{ConnectError, ConnectParams, SslMode, connect};
 pub use identifiers::{Ident, IdentError, QualifiedName, RoleNames, quote_ident};
-pub use passwords::Password;
-pub use provision::{CdcPlan, DatabasePlan, ProvisionError, ProvisionReport, RolePlan};
+pub use ownership::{Holder, ObjectKind, OwnerMark};
+pub use passwords::{Password, PersistedPassword};
+pub use provision::{
+    CdcPlan, DatabasePlan, ProvisionError, ProvisionReport, RolePassword, RolePlan,
+};
 
 /// A `tokio_postgres::Error` whose `Display` carries what the server said.
 ///

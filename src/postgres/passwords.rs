@@ -57,6 +57,40 @@ impl fmt::Debug for Password {
     }
 }
 
+/// A password known to be stored durably (in its credentials Secret) before it reaches SQL.
+///
+/// Role plans carry only this type, so a password cannot be set on a role unless whoever built
+/// the plan vouched for it being persisted: a role holding a password nobody stored is an
+/// outage waiting for the next restart. The operator builds it only from a Secret read back
+/// from the apiserver or right after writing that Secret; [`Self::assume_persisted`] is the
+/// one constructor, named so every call site states the invariant.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PersistedPassword(Password);
+
+impl PersistedPassword {
+    /// The caller asserts `password` is stored where it will be found again (a Secret written
+    /// or read back, a test's own variable).
+    pub fn assume_persisted(password: Password) -> Self {
+        PersistedPassword(password)
+    }
+
+    /// The SCRAM verifier to send.
+    pub fn scram_verifier(&self) -> ScramVerifier {
+        self.0.scram_verifier()
+    }
+
+    /// The password itself.
+    pub fn password(&self) -> &Password {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PersistedPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PersistedPassword(<redacted>)")
+    }
+}
+
 /// A SCRAM-SHA-256 verifier as stored in `pg_authid.rolpassword`.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ScramVerifier(String);

@@ -1,16 +1,23 @@
 //! Converges a service's database, roles, grants, outbox and publications to a
 //! [`DatabasePlan`] (does database I/O).
 //!
+//! Ownership first: before changing anything, every database and role the plan names is read
+//! back with its ownership mark ([`super::ownership`]). An object marked as another
+//! ServiceDatabase's, or unmarked without [`DatabasePlan::adopt`], stops the run with
+//! [`ProvisionError::NameConflict`] before a single statement changes anything.
+//!
 //! Idempotent by construction: every step reads the catalog first and acts only on a
 //! difference, so a second run issues no DDL and reports no change. Works with a superuser
 //! admin (managed instances) and with a CREATEDB+CREATEROLE admin (RDS-like servers): such an
-//! admin makes itself a member of each role it creates, which is what Postgres requires to
-//! create a database owned by a role, to act as it (`SET ROLE`) and to signal its sessions.
+//! admin makes itself a member of each role it creates (never of a role that is not ours),
+//! which is what Postgres requires to create a database owned by a role, to act as it
+//! (`SET ROLE`) and to signal its sessions.
 //!
-//! Inside the service's database everything is created *as the app role* (`SET LOCAL ROLE`),
-//! so the app owns its schema objects (it can ALTER and migrate them) and no object ends up
-//! owned by the admin. Those steps run in one transaction: a failure leaves nothing
-//! half-applied.
+//! Who owns what inside the database: the app role owns the database, its schema and its
+//! tables; the NOLOGIN outbox role owns the outbox table and the `servicedb` schema with the
+//! SECURITY DEFINER functions the relay calls (the relay has no table privileges at all);
+//! publications belong to the admin. Those steps run in one transaction: a failure leaves
+//! nothing half-applied.
 
 use std::collections::BTreeSet;
 
@@ -18,32 +25,54 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 use tracing::{debug, info};
 
 use super::connect::{ConnectError, ConnectParams, connect};
-use super::identifiers::{Ident, QualifiedName, cdc_publication, outbox_publication};
-use super::passwords::Password;
+use super::identifiers::{
+    Ident, QualifiedName, RoleNames, cdc_publication, extensions_schema, functions_schema,
+    outbox_notify_trigger, outbox_publication,
+};
+use super::ownership::{Holder, ObjectKind, OwnerMark};
+use super::passwords::PersistedPassword;
 use super::sql::{self, Publish, RoleAttributes, TablePrivilege};
 use super::{PgError, inspect};
+
+/// The password a role plan carries: always the one its credentials Secret holds.
+#[derive(Clone, Debug)]
+pub struct RolePassword {
+    /// The password, known to be stored in its Secret.
+    pub password: PersistedPassword,
+    /// Set it on an existing role too (first provisioning, a Secret that was lost and
+    /// regenerated, a password not yet confirmed applied). A role that has to be created is
+    /// always created with it, `reset` or not: that is how drift repair restores a dropped role
+    /// with the password its Secret still holds.
+    pub reset: bool,
+}
 
 /// A role to converge.
 #[derive(Clone, Debug)]
 pub struct RolePlan {
     /// Role name.
     pub name: Ident,
-    /// A password to set now: on creation, and when its credentials Secret was lost. `None`
-    /// leaves an existing password alone; the controller decides, never this module.
-    pub set_password: Option<Password>,
+    /// The password from its Secret; `None` only for plans that never create the role (tests,
+    /// tools) — a role created without one cannot log in.
+    pub password: Option<RolePassword>,
     /// REPLICATION attribute (Logical relay, CDC). Revoked when no longer asked for. Ignored
     /// for the app role, which never gets it.
     pub replication: bool,
 }
 
 impl RolePlan {
-    /// A role without REPLICATION and without a password change.
+    /// A role without REPLICATION and without a password.
     pub fn new(name: Ident) -> Self {
         RolePlan {
             name,
-            set_password: None,
+            password: None,
             replication: false,
         }
+    }
+
+    /// The same plan carrying `password`, set on an existing role only when `reset`.
+    pub fn with_password(mut self, password: PersistedPassword, reset: bool) -> Self {
+        self.password = Some(RolePassword { password, reset });
+        self
     }
 }
 
@@ -62,9 +91,16 @@ pub struct CdcPlan {
 pub struct DatabasePlan {
     /// The database, owned by the app role.
     pub database: Ident,
+    /// The ServiceDatabase this plan is for: written as the mark of every database and role
+    /// created, and required on every existing one before it is changed.
+    pub owner: OwnerMark,
+    /// Adopt an existing database or role that carries no mark (mark it, make the app role the
+    /// owner, revoke CONNECT from PUBLIC). Objects marked as another ServiceDatabase's are
+    /// never adopted.
+    pub adopt: bool,
     /// The owner role.
     pub app: RolePlan,
-    /// The relay role: SELECT and DELETE on the outbox only.
+    /// The relay role: EXECUTE on the outbox functions only (+ REPLICATION for Logical).
     pub relay: Option<RolePlan>,
     /// The CDC role and its tables; also drives the `<db>_cdc_pub` publication.
     pub cdc: Option<CdcPlan>,
@@ -72,27 +108,32 @@ pub struct DatabasePlan {
     pub extensions: Vec<Ident>,
     /// The outbox table, when enabled.
     pub outbox: Option<QualifiedName>,
+    /// The NOLOGIN role owning the outbox table and the relay's functions (created when the
+    /// outbox is enabled).
+    pub outbox_owner: Ident,
     /// Maintain the `<table>_pub` publication (a Logical relay needs it); dropped when false.
     pub outbox_publication: bool,
-    /// Also grant the relay `UPDATE (created_at)` on the outbox. Postgres requires UPDATE on
-    /// at least one column for `SELECT ... FOR UPDATE [SKIP LOCKED]`, so a Poll relay that
-    /// claims rows with row locks needs this; one harmless column keeps the grant minimal.
-    /// Revoked when false.
-    pub relay_row_locks: bool,
+    /// Roles whose purpose was removed (relay when the outbox is disabled, cdc when `cdc` is
+    /// removed): if they exist and are ours, their privileges are revoked and they are
+    /// dropped (or, when they still hold something, made NOLOGIN NOREPLICATION with a warning).
+    pub retired_roles: Vec<Ident>,
 }
 
 impl DatabasePlan {
-    /// A plan with just the database and its owner.
-    pub fn new(database: Ident, app: RolePlan) -> Self {
+    /// A plan with just the database and its owner role.
+    pub fn new(database: Ident, owner: OwnerMark, roles: &RoleNames) -> Self {
         DatabasePlan {
             database,
-            app,
+            owner,
+            adopt: false,
+            app: RolePlan::new(roles.app.clone()),
             relay: None,
             cdc: None,
             extensions: Vec::new(),
             outbox: None,
+            outbox_owner: roles.outbox.clone(),
             outbox_publication: false,
-            relay_row_locks: false,
+            retired_roles: Vec::new(),
         }
     }
 
@@ -100,17 +141,18 @@ impl DatabasePlan {
     /// OutboxRelay in `Logical` mode points at this database: it adds REPLICATION to the relay
     /// role and maintains the outbox publication (both removed again when it turns false).
     ///
-    /// The relay role exists whenever the outbox is enabled (its Secret does too) and always
-    /// gets the row-lock grant, so a `Poll` relay works without the controller tracking modes.
-    /// The cdc role gets REPLICATION (Debezium streams from a slot). No password is set: the
-    /// controller fills `set_password` when it has generated one or lost a Secret.
+    /// The relay role exists whenever the outbox is enabled (its Secret does too). The cdc
+    /// role gets REPLICATION (Debezium streams from a slot). Roles of purposes the spec does
+    /// not have are listed in `retired_roles`. Passwords are the controller's to fill in
+    /// ([`RolePlan::with_password`]); `adopt` comes from `database.adopt`.
     pub fn for_spec(
         spec: &crate::api::ServiceDatabaseSpec,
+        owner: OwnerMark,
         logical_relay: bool,
     ) -> Result<Self, super::IdentError> {
         let roles = super::RoleNames::for_service(&spec.owner.service)?;
-        let mut plan =
-            DatabasePlan::new(Ident::new(spec.database_name())?, RolePlan::new(roles.app));
+        let mut plan = DatabasePlan::new(Ident::new(spec.database_name())?, owner, &roles);
+        plan.adopt = spec.database.adopt;
         plan.extensions = spec
             .database
             .extensions
@@ -121,19 +163,17 @@ impl DatabasePlan {
             plan.outbox = Some(QualifiedName::parse(&outbox.table)?);
             plan.relay = Some(RolePlan {
                 replication: logical_relay,
-                ..RolePlan::new(roles.relay)
+                ..RolePlan::new(roles.relay.clone())
             });
             plan.outbox_publication = logical_relay;
-            // The relay claims a batch with `DELETE ... RETURNING` inside its transaction (its
-            // advisory lock makes it the only claimant), so SELECT and DELETE suffice: no row
-            // locks, no UPDATE grant.
-            plan.relay_row_locks = false;
+        } else {
+            plan.retired_roles.push(roles.relay.clone());
         }
         if let Some(cdc) = &spec.cdc {
             plan.cdc = Some(CdcPlan {
                 role: RolePlan {
                     replication: true,
-                    ..RolePlan::new(roles.cdc)
+                    ..RolePlan::new(roles.cdc.clone())
                 },
                 tables: cdc
                     .tables
@@ -141,12 +181,14 @@ impl DatabasePlan {
                     .map(|t| QualifiedName::parse(&t.0))
                     .collect::<Result<_, _>>()?,
             });
+        } else {
+            plan.retired_roles.push(roles.cdc.clone());
         }
         Ok(plan)
     }
 
-    /// Every role with the attributes it should have.
-    fn roles(&self) -> impl Iterator<Item = (&RolePlan, RoleAttributes)> {
+    /// Every login role with the attributes it should have.
+    pub fn roles(&self) -> impl Iterator<Item = (&RolePlan, RoleAttributes)> {
         std::iter::once((&self.app, RoleAttributes::app_role()))
             .chain(
                 self.relay
@@ -158,6 +200,23 @@ impl DatabasePlan {
                     .iter()
                     .map(|c| (&c.role, RoleAttributes::service_role(c.role.replication))),
             )
+    }
+
+    /// Every role the plan creates or changes, with its attributes and password: the login
+    /// roles, then the outbox owner when the outbox is enabled.
+    fn all_roles(&self) -> Vec<(Ident, RoleAttributes, Option<&RolePassword>)> {
+        let mut out: Vec<_> = self
+            .roles()
+            .map(|(r, a)| (r.name.clone(), a, r.password.as_ref()))
+            .collect();
+        if self.outbox.is_some() {
+            out.push((
+                self.outbox_owner.clone(),
+                RoleAttributes::outbox_owner(),
+                None,
+            ));
+        }
+        out
     }
 }
 
@@ -188,6 +247,58 @@ impl ProvisionReport {
 /// Why provisioning failed. Each variant names the step; `source` carries the server's words.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
+    /// A database or role with the plan's name exists and is not this ServiceDatabase's:
+    /// marked as another's (`holder`), or unmarked and adoption was not asked for. Nothing was
+    /// changed.
+    #[error("{}", name_conflict_message(*kind, name, holder.as_ref()))]
+    NameConflict {
+        /// Database or role.
+        kind: ObjectKind,
+        /// Its name.
+        name: String,
+        /// The ServiceDatabase (namespace, name) whose mark it carries; `None` when it has no
+        /// mark this operator can read.
+        holder: Option<(String, String)>,
+    },
+    /// The `servicedb` schema exists and belongs to someone other than the outbox role.
+    #[error(
+        "schema {schema} exists and is owned by {owner}, not by {expected}: it holds the relay's functions, so the operator will not use it"
+    )]
+    ForeignSchema {
+        /// Schema.
+        schema: Ident,
+        /// Its owner.
+        owner: String,
+        /// The outbox role.
+        expected: Ident,
+    },
+    /// Creating or replacing the relay's outbox functions, or their grants, failed.
+    #[error("maintaining the outbox functions in schema servicedb: {source}")]
+    OutboxFunctions {
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
+    /// Revoking the privileges of a retired role failed.
+    #[error("revoking the privileges of retired role {role}: {source}")]
+    RetireRole {
+        /// Role.
+        role: Ident,
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
+    /// Writing an ownership mark failed.
+    #[error("marking {kind} {name} as this ServiceDatabase's: {source}")]
+    Mark {
+        /// Database or role.
+        kind: ObjectKind,
+        /// Its name.
+        name: String,
+        /// The server's answer.
+        #[source]
+        source: PgError,
+    },
     /// Could not connect (admin database or the service's database).
     #[error("connecting to database {database}: {source}")]
     Connect {
@@ -322,8 +433,8 @@ pub enum ProvisionError {
         #[source]
         source: PgError,
     },
-    /// Handing an existing outbox table to the app role failed.
-    #[error("making the app role the owner of outbox table {table}: {source}")]
+    /// Handing an existing outbox table to the outbox role failed.
+    #[error("making the outbox role the owner of outbox table {table}: {source}")]
     AlterOutboxOwner {
         /// Table.
         table: QualifiedName,
@@ -367,6 +478,11 @@ impl ProvisionError {
     pub fn category(&self) -> &'static str {
         use ProvisionError as E;
         match self {
+            E::NameConflict { .. } => "NameConflict",
+            E::ForeignSchema { .. } => "NameConflict",
+            E::OutboxFunctions { .. } => "OutboxFunctionsFailed",
+            E::Mark { .. } => "MarkFailed",
+            E::RetireRole { .. } => "RetireRoleFailed",
             E::Connect { source, .. } => source.category(),
             E::ReadCatalog { .. } => "ReadCatalogFailed",
             E::CreateRole { .. } => "CreateRoleFailed",
@@ -394,7 +510,10 @@ impl ProvisionError {
         use ProvisionError as E;
         match self {
             E::Connect { source, .. } => source.sqlstate(),
-            E::RoleMissing { .. } => None,
+            E::RoleMissing { .. } | E::NameConflict { .. } | E::ForeignSchema { .. } => None,
+            E::OutboxFunctions { source }
+            | E::Mark { source, .. }
+            | E::RetireRole { source, .. } => source.sqlstate(),
             E::ReadCatalog { source, .. }
             | E::CreateRole { source, .. }
             | E::AlterRole { source, .. }
@@ -413,6 +532,21 @@ impl ProvisionError {
             | E::Publication { source, .. }
             | E::Transaction { source, .. } => source.sqlstate(),
         }
+    }
+}
+
+fn name_conflict_message(
+    kind: ObjectKind,
+    name: &str,
+    holder: Option<&(String, String)>,
+) -> String {
+    match holder {
+        Some((ns, sdb)) => format!(
+            "{kind} {name} already exists and belongs to ServiceDatabase {ns}/{sdb}; it was left unchanged (give this ServiceDatabase another owner.service or database.name)"
+        ),
+        None => format!(
+            "{kind} {name} already exists and carries no ownership mark of this ServiceDatabase; it was left unchanged (if it is not another ServiceDatabase's, set database.adopt: true to adopt it, or choose another owner.service or database.name)"
+        ),
     }
 }
 
@@ -477,11 +611,24 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     debug!(admin = %who.name, superuser = who.superuser, version = who.server_version_num,
         database = %plan.database, "provisioning");
 
-    for (role, attributes) in plan.roles() {
-        ensure_role(&client, role, &attributes, &mut report).await?;
-        ensure_admin_membership(&client, &who, &role.name, &mut report).await?;
+    // Every object is checked before any is changed: a conflict on the database must not
+    // leave roles altered.
+    let claims = check_ownership(&client, &who, plan).await?;
+    for (role, attributes, password) in plan.all_roles() {
+        ensure_role(
+            &client,
+            &role,
+            &attributes,
+            password,
+            &claims,
+            plan,
+            &mut report,
+        )
+        .await?;
+        ensure_admin_membership(&client, &who, &role, &mut report).await?;
     }
-    ensure_database(&client, plan, &mut report).await?;
+    ensure_database(&client, plan, &claims, &mut report).await?;
+    let retired = retirable_roles(&client, plan, &mut report).await?;
     drop(client);
 
     let mut db = connect_to(admin, plan.database.as_str()).await?;
@@ -491,28 +638,47 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     };
     let mut tx = db.transaction().await.map_err(tx_err)?;
     secure_public_schema_owner(&mut tx, &who, plan, &mut report).await?;
-    if let Some(outbox) = &plan.outbox {
-        ensure_outbox_owner(&tx, outbox, &plan.app.name, &mut report).await?;
-    }
     ensure_extensions(&tx, &who, plan, &mut report).await?;
+    if plan.outbox.is_some() {
+        ensure_functions_schema(&tx, plan, &mut report).await?;
+    }
 
-    // From here on, act as the app role: it owns what gets created and it is the grantor.
-    exec(&tx, &sql::set_role(&plan.app.name))
-        .await
-        .map_err(|source| ProvisionError::Transaction {
-            database: plan.database.clone(),
-            source,
-        })?;
+    // As the app role: it owns what it creates here and it is the grantor.
+    act_as(&tx, plan, Some(&plan.app.name)).await?;
     revoke_public_create(&tx, &mut report).await?;
     if let Some(outbox) = &plan.outbox {
-        ensure_outbox(&tx, outbox, &mut report).await?;
+        ensure_outbox_schema(&tx, outbox, &plan.outbox_owner, &mut report).await?;
+    }
+
+    if let Some(outbox) = &plan.outbox {
+        // An outbox owned by anyone else (the app, with older operator versions) is handed to
+        // the outbox role; only the admin can do that.
+        act_as(&tx, plan, None).await?;
+        ensure_outbox_owner(&tx, outbox, &plan.outbox_owner, &mut report).await?;
+        // As the outbox role: the table, its trigger and the relay's functions are its own.
+        act_as(&tx, plan, Some(&plan.outbox_owner)).await?;
+        ensure_outbox(&tx, outbox, &plan.outbox_owner, &mut report).await?;
+        ensure_outbox_functions(
+            &tx,
+            outbox,
+            plan.relay.as_ref().map(|r| &r.name),
+            &mut report,
+        )
+        .await?;
+        let app_privs = BTreeSet::from([
+            TablePrivilege::Select,
+            TablePrivilege::Insert,
+            TablePrivilege::Delete,
+        ]);
+        ensure_table_privileges(&tx, &plan.app.name, outbox, &app_privs, &mut report).await?;
         if let Some(relay) = &plan.relay {
-            let privs = BTreeSet::from([TablePrivilege::Select, TablePrivilege::Delete]);
-            ensure_table_privileges(&tx, &relay.name, outbox, &privs, &mut report).await?;
-            ensure_row_lock_column(&tx, &relay.name, outbox, plan.relay_row_locks, &mut report)
+            // Grants from before the functions existed (SELECT, DELETE, UPDATE (created_at)).
+            ensure_table_privileges(&tx, &relay.name, outbox, &BTreeSet::new(), &mut report)
                 .await?;
+            revoke_row_lock_column(&tx, &relay.name, outbox, &mut report).await?;
         }
     }
+    // CDC tables belong to the app (the outbox to the outbox role): their owner grants SELECT.
     let mut cdc_tables = Vec::new();
     if let Some(cdc) = &plan.cdc {
         for table in &cdc.tables {
@@ -524,11 +690,28 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
                 report.missing_cdc_tables.push(table.clone());
                 continue;
             }
-            let privs = BTreeSet::from([TablePrivilege::Select]);
-            ensure_table_privileges(&tx, &cdc.role.name, table, &privs, &mut report).await?;
             cdc_tables.push(table.clone());
         }
+        act_as(&tx, plan, Some(&plan.app.name)).await?;
+        for table in &cdc_tables {
+            let privs = BTreeSet::from([TablePrivilege::Select]);
+            let owned_by_outbox = Some(table) == plan.outbox.as_ref();
+            if owned_by_outbox {
+                // The app owns the schema and grants USAGE on it; the outbox role the table.
+                ensure_schema_usage(&tx, &cdc.role.name, &table.schema, &mut report).await?;
+                act_as(&tx, plan, Some(&plan.outbox_owner)).await?;
+            }
+            ensure_table_privileges(&tx, &cdc.role.name, table, &privs, &mut report).await?;
+            if owned_by_outbox {
+                act_as(&tx, plan, Some(&plan.app.name)).await?;
+            }
+        }
     }
+
+    // Publications belong to the admin: it may add the app's tables and the outbox role's
+    // alike (ownership rights through membership), and neither the app nor the relay can
+    // alter them.
+    act_as(&tx, plan, None).await?;
     let outbox_pub = plan.outbox.as_ref().map(|o| (outbox_publication(o), o));
     match outbox_pub {
         Some((name, table)) if plan.outbox_publication => {
@@ -544,52 +727,202 @@ pub async fn provision(admin: &ConnectParams, plan: &DatabasePlan) -> Result<Pro
     } else {
         drop_publication_if_exists(&tx, &cdc_pub, &mut report).await?;
     }
+    for role in &retired {
+        // Revokes every privilege the role holds here, and CONNECT on the database.
+        exec(&tx, &sql::drop_owned_by(role))
+            .await
+            .map_err(|source| ProvisionError::RetireRole {
+                role: role.clone(),
+                source,
+            })?;
+    }
     tx.commit().await.map_err(tx_err)?;
+    drop(db);
+
+    if !retired.is_empty() {
+        let client = connect_to(admin, &admin.dbname).await?;
+        for role in &retired {
+            drop_retired_role(&client, role, &mut report).await;
+        }
+    }
     Ok(report)
+}
+
+/// `SET LOCAL ROLE role`, or back to the admin (`RESET ROLE`) for `None`.
+async fn act_as(tx: &Transaction<'_>, plan: &DatabasePlan, role: Option<&Ident>) -> Result<()> {
+    let statement = match role {
+        Some(r) => sql::set_role(r),
+        None => sql::RESET_ROLE.to_owned(),
+    };
+    exec(tx, &statement)
+        .await
+        .map_err(|source| ProvisionError::Transaction {
+            database: plan.database.clone(),
+            source,
+        })
+}
+
+/// What the ownership check decided for the objects that exist.
+#[derive(Debug, Default)]
+struct Claims {
+    /// Existing objects (by name) that are ours or adopted, with whether to (re)write the mark.
+    remark_roles: BTreeSet<String>,
+    remark_database: bool,
+}
+
+/// A role's or database's ownership comment.
+async fn role_comment(client: &Client, role: &Ident) -> Result<Option<Option<String>>> {
+    Ok(client
+        .query_opt(
+            "SELECT pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles WHERE rolname = $1",
+            &[&role.as_str()],
+        )
+        .await
+        .map_err(catalog("role mark"))?
+        .map(|r| r.get(0)))
+}
+
+pub(crate) async fn database_comment(
+    client: &Client,
+    db: &Ident,
+) -> Result<Option<(String, Option<String>)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT pg_catalog.pg_get_userbyid(datdba)::text, pg_catalog.shobj_description(oid, 'pg_database') \
+             FROM pg_catalog.pg_database WHERE datname = $1",
+            &[&db.as_str()],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+fn conflict(kind: ObjectKind, name: &str, holder: &Holder) -> ProvisionError {
+    ProvisionError::NameConflict {
+        kind,
+        name: name.to_owned(),
+        holder: match holder {
+            Holder::Other(Some(m)) => Some((m.namespace.clone(), m.name.clone())),
+            _ => None,
+        },
+    }
+}
+
+/// Reads the mark of every existing database and role the plan names and decides, before
+/// anything is changed: ours (re-mark when the uid is stale), adopt (unmarked + `adopt`), or
+/// [`ProvisionError::NameConflict`]. A database with no mark whose owner is one of our own
+/// marked roles is ours too: `CREATE DATABASE` cannot share a transaction with its
+/// `COMMENT`, so a run interrupted between the two leaves exactly that.
+async fn check_ownership(client: &Client, who: &Admin, plan: &DatabasePlan) -> Result<Claims> {
+    let mut claims = Claims::default();
+    let mut ours = BTreeSet::new();
+    for (role, _, _) in plan.all_roles() {
+        let Some(comment) = role_comment(client, &role).await? else {
+            ours.insert(role.as_str().to_owned()); // will be created, marked
+            continue;
+        };
+        if role.as_str() == who.name {
+            // Never adopt the admin itself, whatever its comment says.
+            return Err(conflict(
+                ObjectKind::Role,
+                role.as_str(),
+                &Holder::Other(None),
+            ));
+        }
+        match Holder::of(comment.as_deref(), &plan.owner) {
+            Holder::Ours { stale_uid } => {
+                if stale_uid {
+                    claims.remark_roles.insert(role.as_str().to_owned());
+                }
+            }
+            Holder::Unmarked if plan.adopt => {
+                claims.remark_roles.insert(role.as_str().to_owned());
+            }
+            holder => return Err(conflict(ObjectKind::Role, role.as_str(), &holder)),
+        }
+        ours.insert(role.as_str().to_owned());
+    }
+    if let Some((owner, comment)) = database_comment(client, &plan.database)
+        .await
+        .map_err(catalog("database mark"))?
+    {
+        match Holder::of(comment.as_deref(), &plan.owner) {
+            Holder::Ours { stale_uid } => claims.remark_database = stale_uid,
+            Holder::Unmarked if plan.adopt || owner == plan.app.name.as_str() => {
+                claims.remark_database = true;
+            }
+            holder => {
+                return Err(conflict(
+                    ObjectKind::Database,
+                    plan.database.as_str(),
+                    &holder,
+                ));
+            }
+        }
+    }
+    Ok(claims)
 }
 
 async fn ensure_role(
     client: &Client,
-    role: &RolePlan,
+    role: &Ident,
     desired: &RoleAttributes,
+    password: Option<&RolePassword>,
+    claims: &Claims,
+    plan: &DatabasePlan,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    let verifier = role.set_password.as_ref().map(Password::scram_verifier);
-    match inspect::role_attributes(client, &role.name)
+    match inspect::role_attributes(client, role)
         .await
         .map_err(catalog("role"))?
     {
         None => {
-            exec_secret(
-                client,
-                &sql::create_role(&role.name, desired, verifier.as_ref()),
-            )
-            .await
-            .map_err(|source| ProvisionError::CreateRole {
-                role: role.name.clone(),
-                source,
-            })?;
-            report.change(format!("created role {}", role.name));
+            // Created and marked in one transaction: never a role of ours without its mark.
+            let verifier = password.map(|p| p.password.scram_verifier());
+            let statement = format!(
+                "{}; {}",
+                sql::create_role(role, desired, verifier.as_ref()),
+                sql::comment_on_role(role, &plan.owner)
+            );
+            exec_secret(client, &statement)
+                .await
+                .map_err(|source| ProvisionError::CreateRole {
+                    role: role.clone(),
+                    source,
+                })?;
+            report.change(format!("created role {role}"));
         }
         Some(current) => {
+            if claims.remark_roles.contains(role.as_str()) {
+                exec(client, &sql::comment_on_role(role, &plan.owner))
+                    .await
+                    .map_err(|source| ProvisionError::Mark {
+                        kind: ObjectKind::Role,
+                        name: role.to_string(),
+                        source,
+                    })?;
+                report.change(format!("marked role {role} as {}", plan.owner.key()));
+            }
             let changes = sql::attribute_changes(&current, desired);
             if !changes.is_empty() {
-                exec(client, &sql::alter_role(&role.name, &changes))
+                exec(client, &sql::alter_role(role, &changes))
                     .await
                     .map_err(|source| ProvisionError::AlterRole {
-                        role: role.name.clone(),
+                        role: role.clone(),
                         source,
                     })?;
-                report.change(format!("altered role {}: {}", role.name, changes.join(" ")));
+                report.change(format!("altered role {role}: {}", changes.join(" ")));
             }
-            if let Some(v) = &verifier {
-                exec_secret(client, &sql::alter_role_password(&role.name, v))
-                    .await
-                    .map_err(|source| ProvisionError::SetPassword {
-                        role: role.name.clone(),
-                        source,
-                    })?;
-                report.change(format!("set the password of role {}", role.name));
+            if let Some(p) = password.filter(|p| p.reset) {
+                exec_secret(
+                    client,
+                    &sql::alter_role_password(role, &p.password.scram_verifier()),
+                )
+                .await
+                .map_err(|source| ProvisionError::SetPassword {
+                    role: role.clone(),
+                    source,
+                })?;
+                report.change(format!("set the password of role {role}"));
             }
         }
     }
@@ -597,7 +930,8 @@ async fn ensure_role(
 }
 
 /// A non-superuser admin must be a member of a role to create a database it owns, `SET ROLE`
-/// to it, and terminate its sessions. Superusers need nothing.
+/// to it, and terminate its sessions. Superusers need nothing. Called only for roles that
+/// passed the ownership check.
 async fn ensure_admin_membership(
     client: &Client,
     admin: &Admin,
@@ -649,42 +983,55 @@ pub(crate) async fn admin_is_member(
 async fn ensure_database(
     client: &Client,
     plan: &DatabasePlan,
+    claims: &Claims,
     report: &mut ProvisionReport,
 ) -> Result<()> {
     let db = &plan.database;
-    let owner: Option<String> = client
-        .query_opt(
-            "SELECT pg_catalog.pg_get_userbyid(datdba)::text FROM pg_catalog.pg_database WHERE datname = $1",
-            &[&db.as_str()],
-        )
+    let mark_err = |source| ProvisionError::Mark {
+        kind: ObjectKind::Database,
+        name: db.to_string(),
+        source,
+    };
+    let owner = database_comment(client, db)
         .await
         .map_err(catalog("database"))?
-        .map(|r| r.get(0));
+        .map(|(owner, _)| owner);
     match owner {
         None => {
-            // Not in a transaction: CREATE DATABASE refuses to run in one.
+            // Not in a transaction: CREATE DATABASE refuses to run in one. The mark follows at
+            // once; an interruption in between is recognised by the owner (check_ownership).
             exec(client, &sql::create_database(db, &plan.app.name))
                 .await
                 .map_err(|source| ProvisionError::CreateDatabase {
                     database: db.clone(),
                     source,
                 })?;
+            exec(client, &sql::comment_on_database(db, &plan.owner))
+                .await
+                .map_err(mark_err)?;
             report.change(format!("created database {db} owned by {}", plan.app.name));
         }
-        Some(owner) if owner != plan.app.name.as_str() => {
-            exec(client, &sql::alter_database_owner(db, &plan.app.name))
-                .await
-                .map_err(|source| ProvisionError::AlterDatabaseOwner {
-                    database: db.clone(),
-                    owner: plan.app.name.clone(),
-                    source,
-                })?;
-            report.change(format!(
-                "changed the owner of database {db} from {owner} to {}",
-                plan.app.name
-            ));
+        Some(owner) => {
+            if owner != plan.app.name.as_str() {
+                exec(client, &sql::alter_database_owner(db, &plan.app.name))
+                    .await
+                    .map_err(|source| ProvisionError::AlterDatabaseOwner {
+                        database: db.clone(),
+                        owner: plan.app.name.clone(),
+                        source,
+                    })?;
+                report.change(format!(
+                    "changed the owner of database {db} from {owner} to {}",
+                    plan.app.name
+                ));
+            }
+            if claims.remark_database {
+                exec(client, &sql::comment_on_database(db, &plan.owner))
+                    .await
+                    .map_err(mark_err)?;
+                report.change(format!("marked database {db} as {}", plan.owner.key()));
+            }
         }
-        Some(_) => {}
     }
 
     let public_privs = database_privileges(client, db, None).await?;
@@ -718,6 +1065,88 @@ async fn ensure_database(
         }
     }
     Ok(())
+}
+
+/// The retired roles that exist and are ours (or unmarked, when adopting); others are left
+/// alone with a warning.
+async fn retirable_roles(
+    client: &Client,
+    plan: &DatabasePlan,
+    report: &mut ProvisionReport,
+) -> Result<Vec<Ident>> {
+    let mut out = Vec::new();
+    for role in &plan.retired_roles {
+        let Some(comment) = role_comment(client, role).await? else {
+            continue;
+        };
+        match Holder::of(comment.as_deref(), &plan.owner) {
+            Holder::Ours { .. } => {}
+            Holder::Unmarked if plan.adopt => {}
+            _ => {
+                report.warnings.push(format!(
+                    "role {role} is no longer needed but is not marked as this ServiceDatabase's: left unchanged"
+                ));
+                continue;
+            }
+        }
+        let owns: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend WHERE deptype = 'o' \
+                 AND refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass \
+                 AND refobjid = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = $1))",
+                &[&role.as_str()],
+            )
+            .await
+            .map_err(catalog("objects owned by a retired role"))?
+            .get(0);
+        if owns {
+            // DROP OWNED would drop what it owns: only disarm it.
+            disarm_role(client, role, "it owns objects", report).await;
+        } else {
+            out.push(role.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Drops a retired role whose privileges in the service's database were revoked; when that
+/// fails (privileges or objects elsewhere) it is made NOLOGIN NOREPLICATION instead.
+async fn drop_retired_role(client: &Client, role: &Ident, report: &mut ProvisionReport) {
+    match exec(client, &sql::drop_role(role)).await {
+        Ok(()) => report.change(format!("dropped retired role {role}")),
+        Err(e) => disarm_role(client, role, &e.to_string(), report).await,
+    }
+}
+
+async fn disarm_role(client: &Client, role: &Ident, why: &str, report: &mut ProvisionReport) {
+    let current = match inspect::role_attributes(client, role).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            report
+                .warnings
+                .push(format!("retired role {role}: reading it failed: {e}"));
+            return;
+        }
+    };
+    let desired = RoleAttributes {
+        login: false,
+        replication: false,
+        ..current
+    };
+    let changes = sql::attribute_changes(&current, &desired);
+    if !changes.is_empty() {
+        if let Err(e) = exec(client, &sql::alter_role(role, &changes)).await {
+            report.warnings.push(format!(
+                "retired role {role} could not be dropped ({why}) nor disarmed: {e}"
+            ));
+            return;
+        }
+        report.change(format!("disabled login of retired role {role}"));
+        report.warnings.push(format!(
+            "retired role {role} could not be dropped ({why}): it was made NOLOGIN NOREPLICATION instead"
+        ));
+    }
 }
 
 /// Privileges granted directly on a database to `role` (PUBLIC when `None`), read from the ACL
@@ -810,8 +1239,11 @@ async fn revoke_public_create(tx: &Transaction<'_>, report: &mut ProvisionReport
     Ok(())
 }
 
-/// Superusers create extensions themselves (untrusted ones need it); a non-superuser admin
-/// creates them as the app role, which as database owner may create trusted extensions.
+/// Extensions, without ever running an extension script with a search_path the app can write
+/// to (the CVE-2018-1058 class): trusted extensions are created as the app role (it owns the
+/// database, which is all Postgres asks); untrusted ones need a superuser admin, which creates
+/// them into the admin-owned schema `servicedb_ext` with `search_path` pinned to that schema
+/// and `pg_catalog` (the app gets USAGE on it, nothing more).
 async fn ensure_extensions(
     tx: &Transaction<'_>,
     admin: &Admin,
@@ -834,53 +1266,98 @@ async fn ensure_extensions(
             extension: ext.clone(),
             source,
         };
-        if !admin.superuser {
+        let trusted: bool = tx
+            .query_opt(
+                "SELECT v.trusted FROM pg_catalog.pg_available_extension_versions v \
+                 JOIN pg_catalog.pg_available_extensions a ON a.name = v.name AND a.default_version = v.version \
+                 WHERE v.name = $1",
+                &[&ext.as_str()],
+            )
+            .await
+            .map_err(catalog("extension"))?
+            .is_none_or(|r| r.get(0));
+        if trusted || !admin.superuser {
             exec(tx, &sql::set_role(&plan.app.name))
                 .await
                 .map_err(err)?;
-        }
-        exec(tx, &sql::create_extension(ext)).await.map_err(err)?;
-        if !admin.superuser {
-            exec(tx, "RESET ROLE").await.map_err(err)?;
+            exec(tx, &sql::create_extension(ext)).await.map_err(err)?;
+            exec(tx, sql::RESET_ROLE).await.map_err(err)?;
+        } else {
+            let schema = extensions_schema();
+            exec(tx, &sql::create_schema(&schema)).await.map_err(err)?;
+            exec(tx, &sql::grant_schema_usage(&schema, &plan.app.name))
+                .await
+                .map_err(err)?;
+            exec(tx, &sql::set_local_search_path(&schema))
+                .await
+                .map_err(err)?;
+            exec(tx, &sql::create_extension_in(ext, &schema))
+                .await
+                .map_err(err)?;
+            exec(tx, "SET LOCAL search_path TO DEFAULT")
+                .await
+                .map_err(err)?;
         }
         report.change(format!("created extension {ext}"));
     }
     Ok(())
 }
 
-/// An outbox table created earlier by someone else (an older operator, a DBA) is handed to
-/// the app; the admin does this before switching to the app role, which could not.
-async fn ensure_outbox_owner(
+/// The `servicedb` schema, owned by the outbox role (created by the admin: the outbox role
+/// has no CREATE on the database). A schema of that name owned by anyone else is refused.
+async fn ensure_functions_schema(
     tx: &Transaction<'_>,
-    outbox: &QualifiedName,
-    app: &Ident,
+    plan: &DatabasePlan,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    if let Some(owner) = inspect::table_owner(tx, outbox)
+    let schema = functions_schema();
+    let owner: Option<String> = tx
+        .query_opt(
+            "SELECT pg_catalog.pg_get_userbyid(nspowner)::text FROM pg_catalog.pg_namespace WHERE nspname = $1",
+            &[&schema.as_str()],
+        )
         .await
-        .map_err(catalog("outbox table"))?
-        && owner != app.as_str()
-    {
-        exec(tx, &sql::alter_table_owner(outbox, app))
+        .map_err(catalog("schema servicedb"))?
+        .map(|r| r.get(0));
+    match owner {
+        None => {
+            exec(
+                tx,
+                &sql::create_schema_owned_by(&schema, &plan.outbox_owner),
+            )
             .await
-            .map_err(|source| ProvisionError::AlterOutboxOwner {
-                table: outbox.clone(),
+            .map_err(|source| ProvisionError::CreateSchema {
+                schema: schema.clone(),
                 source,
             })?;
-        report.change(format!(
-            "changed the owner of {outbox} from {owner} to {app}"
-        ));
+            report.change(format!(
+                "created schema {schema} owned by {}",
+                plan.outbox_owner
+            ));
+        }
+        Some(o) if o == plan.outbox_owner.as_str() => {}
+        Some(o) => {
+            return Err(ProvisionError::ForeignSchema {
+                schema,
+                owner: o,
+                expected: plan.outbox_owner.clone(),
+            });
+        }
     }
     Ok(())
 }
 
-async fn ensure_outbox(
+/// As the app: the outbox's schema exists, and the outbox role may use and create in it (it
+/// creates the table; a non-superuser admin can only hand a table to a role that may create in
+/// its schema).
+async fn ensure_outbox_schema(
     tx: &Transaction<'_>,
     outbox: &QualifiedName,
+    outbox_owner: &Ident,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    let create_err = |source| ProvisionError::CreateOutbox {
-        table: outbox.clone(),
+    let schema_err = |source| ProvisionError::CreateSchema {
+        schema: outbox.schema.clone(),
         source,
     };
     if !outbox.in_public_schema()
@@ -890,12 +1367,76 @@ async fn ensure_outbox(
     {
         exec(tx, &sql::create_schema(&outbox.schema))
             .await
-            .map_err(|source| ProvisionError::CreateSchema {
-                schema: outbox.schema.clone(),
-                source,
-            })?;
+            .map_err(schema_err)?;
         report.change(format!("created schema {}", outbox.schema));
     }
+    let row = tx
+        .query_one(
+            "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE'), pg_catalog.has_schema_privilege($1, $2, 'CREATE')",
+            &[&outbox_owner.as_str(), &outbox.schema.as_str()],
+        )
+        .await
+        .map_err(catalog("schema privileges"))?;
+    let (usage, create): (bool, bool) = (row.get(0), row.get(1));
+    if !(usage && create) {
+        exec(
+            tx,
+            &format!(
+                "GRANT USAGE, CREATE ON SCHEMA {} TO {}",
+                outbox.schema.quoted(),
+                outbox_owner.quoted()
+            ),
+        )
+        .await
+        .map_err(schema_err)?;
+        report.change(format!(
+            "granted USAGE, CREATE on schema {} to {outbox_owner}",
+            outbox.schema
+        ));
+    }
+    Ok(())
+}
+
+/// An outbox table owned by anyone but the outbox role (the app, with operator versions before
+/// the outbox role existed) is handed to it; its index and sequence follow.
+async fn ensure_outbox_owner(
+    tx: &Transaction<'_>,
+    outbox: &QualifiedName,
+    outbox_owner: &Ident,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    if let Some(owner) = inspect::table_owner(tx, outbox)
+        .await
+        .map_err(catalog("outbox table"))?
+        && owner != outbox_owner.as_str()
+    {
+        exec(tx, &sql::alter_table_owner(outbox, outbox_owner))
+            .await
+            .map_err(|source| ProvisionError::AlterOutboxOwner {
+                table: outbox.clone(),
+                source,
+            })?;
+        report.change(format!(
+            "changed the owner of {outbox} from {owner} to {outbox_owner}"
+        ));
+    }
+    Ok(())
+}
+
+/// As the outbox role: the table, its index and its NOTIFY trigger (whose function lives in
+/// `servicedb`). A notify trigger calling a function the outbox role does not own (older
+/// versions put it in the outbox's schema, owned by the app) is replaced; any other such
+/// trigger is reported: the relay's functions refuse to run while it exists.
+async fn ensure_outbox(
+    tx: &Transaction<'_>,
+    outbox: &QualifiedName,
+    outbox_owner: &Ident,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let create_err = |source| ProvisionError::CreateOutbox {
+        table: outbox.clone(),
+        source,
+    };
     match inspect::table_owner(tx, outbox)
         .await
         .map_err(catalog("outbox table"))?
@@ -932,18 +1473,148 @@ async fn ensure_outbox(
             .map_err(create_err)?;
         report.change(format!("created index {index} on {outbox}"));
     }
-    let trigger = super::identifiers::outbox_notify_trigger(outbox);
-    if !inspect::trigger_exists(tx, outbox, &trigger)
+    let trigger = outbox_notify_trigger(outbox);
+    let triggers = tx
+        .query(
+            "SELECT t.tgname::text, pg_catalog.pg_get_userbyid(p.proowner)::text \
+             FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = $1::text::pg_catalog.regclass AND NOT t.tgisinternal",
+            &[&outbox.quoted()],
+        )
         .await
-        .map_err(catalog("outbox trigger"))?
-    {
+        .map_err(catalog("outbox triggers"))?;
+    let mut ours = false;
+    for row in &triggers {
+        let (name, owner): (String, String) = (row.get(0), row.get(1));
+        if owner == outbox_owner.as_str() {
+            ours |= name == trigger.as_str();
+        } else if name == trigger.as_str() {
+            exec(tx, &sql::drop_trigger(outbox, &trigger))
+                .await
+                .map_err(create_err)?;
+            report.change(format!(
+                "dropped trigger {trigger} on {outbox} (its function belongs to {owner})"
+            ));
+        } else {
+            report.warnings.push(format!(
+                "trigger {name} on {outbox} runs a function owned by {owner}: the relay will not claim outbox rows until it is dropped"
+            ));
+        }
+    }
+    if !ours {
         exec(tx, &sql::create_outbox_notify_function(outbox))
             .await
             .map_err(create_err)?;
+        exec(
+            tx,
+            &sql::revoke_function_from_public(&format!(
+                "{}.{}()",
+                functions_schema().quoted(),
+                trigger.quoted()
+            )),
+        )
+        .await
+        .map_err(create_err)?;
         exec(tx, &sql::create_outbox_notify_trigger(outbox))
             .await
             .map_err(create_err)?;
         report.change(format!("created NOTIFY trigger {trigger} on {outbox}"));
+    }
+    Ok(())
+}
+
+/// As the outbox role: the relay's functions exist with the expected body, PUBLIC may not
+/// execute them, and the relay may execute exactly the relay-facing ones (and use the schema).
+async fn ensure_outbox_functions(
+    tx: &Transaction<'_>,
+    outbox: &QualifiedName,
+    relay: Option<&Ident>,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let err = |source| ProvisionError::OutboxFunctions { source };
+    let schema = functions_schema();
+    for f in sql::outbox_functions(outbox) {
+        let current = tx
+            .query_opt(
+                "SELECT p.prosrc, p.prosecdef, \
+                 EXISTS (SELECT 1 FROM aclexplode(COALESCE(p.proacl, acldefault('f', p.proowner))) a \
+                         WHERE a.grantee = 0), \
+                 (SELECT COALESCE(array_agg(r.rolname::text ORDER BY r.rolname), '{}') \
+                  FROM aclexplode(COALESCE(p.proacl, acldefault('f', p.proowner))) a \
+                  JOIN pg_catalog.pg_roles r ON r.oid = a.grantee WHERE a.grantee <> p.proowner) \
+                 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND p.proname = $2 \
+                 AND pg_catalog.pg_get_function_identity_arguments(p.oid) = $3",
+                &[&schema.as_str(), &f.name, &f.args],
+            )
+            .await
+            .map_err(catalog("outbox functions"))?;
+        let (up_to_date, public, grantees) = match &current {
+            Some(r) => (
+                r.get::<_, String>(0) == f.body && r.get::<_, bool>(1) == f.definer,
+                r.get::<_, bool>(2),
+                r.get::<_, Vec<String>>(3),
+            ),
+            None => (false, true, Vec::new()),
+        };
+        if !up_to_date {
+            exec(tx, &f.create).await.map_err(err)?;
+            report.change(format!(
+                "{} function {schema}.{}",
+                if current.is_some() {
+                    "replaced"
+                } else {
+                    "created"
+                },
+                f.name
+            ));
+        }
+        if public {
+            exec(tx, &sql::revoke_function_from_public(&f.signature()))
+                .await
+                .map_err(err)?;
+            if current.is_some() {
+                report.change(format!(
+                    "revoked EXECUTE on {schema}.{} from PUBLIC",
+                    f.name
+                ));
+            }
+        }
+        let wanted: Vec<&Ident> = relay.filter(|_| f.for_relay).into_iter().collect();
+        for g in &grantees {
+            if !wanted.iter().any(|w| w.as_str() == g)
+                && let Ok(role) = Ident::new(g.as_str())
+            {
+                exec(tx, &sql::revoke_execute(&f.signature(), &role))
+                    .await
+                    .map_err(err)?;
+                report.change(format!("revoked EXECUTE on {schema}.{} from {g}", f.name));
+            }
+        }
+        for w in wanted {
+            if !grantees.iter().any(|g| g == w.as_str()) {
+                exec(tx, &sql::grant_execute(&f.signature(), w))
+                    .await
+                    .map_err(err)?;
+                report.change(format!("granted EXECUTE on {schema}.{} to {w}", f.name));
+            }
+        }
+    }
+    if let Some(relay) = relay {
+        let has_usage: bool = tx
+            .query_one(
+                "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
+                &[&relay.as_str(), &schema.as_str()],
+            )
+            .await
+            .map_err(catalog("schema privileges"))?
+            .get(0);
+        if !has_usage {
+            exec(tx, &sql::grant_schema_usage(&schema, relay))
+                .await
+                .map_err(err)?;
+            report.change(format!("granted USAGE on schema {schema} to {relay}"));
+        }
     }
     Ok(())
 }
@@ -962,22 +1633,8 @@ async fn ensure_table_privileges(
         table: table.clone(),
         source,
     };
-    let has_usage: bool = tx
-        .query_one(
-            "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
-            &[&role.as_str(), &table.schema.as_str()],
-        )
-        .await
-        .map_err(catalog("schema privileges"))?
-        .get(0);
-    if !has_usage {
-        exec(tx, &sql::grant_schema_usage(&table.schema, role))
-            .await
-            .map_err(err)?;
-        report.change(format!(
-            "granted USAGE on schema {} to {role}",
-            table.schema
-        ));
+    if !desired.is_empty() {
+        ensure_schema_usage(tx, role, &table.schema, report).await?;
     }
     let current = inspect::table_privileges(tx, table, role)
         .await
@@ -999,23 +1656,43 @@ async fn ensure_table_privileges(
     Ok(())
 }
 
-/// The column whose UPDATE privilege lets the relay take row locks (see
-/// [`DatabasePlan::relay_row_locks`]).
-pub const ROW_LOCK_COLUMN: &str = "created_at";
+/// `role` may use `schema` (granted by whoever runs this: the schema's owner).
+async fn ensure_schema_usage(
+    tx: &Transaction<'_>,
+    role: &Ident,
+    schema: &Ident,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let has_usage: bool = tx
+        .query_one(
+            "SELECT pg_catalog.has_schema_privilege($1, $2, 'USAGE')",
+            &[&role.as_str(), &schema.as_str()],
+        )
+        .await
+        .map_err(catalog("schema privileges"))?
+        .get(0);
+    if !has_usage {
+        exec(tx, &sql::grant_schema_usage(schema, role))
+            .await
+            .map_err(|source| ProvisionError::CreateSchema {
+                schema: schema.clone(),
+                source,
+            })?;
+        report.change(format!("granted USAGE on schema {schema} to {role}"));
+    }
+    Ok(())
+}
 
-async fn ensure_row_lock_column(
+/// Older versions granted the relay `UPDATE (created_at)` for row locks; it now reaches the
+/// outbox only through functions, so that grant goes.
+async fn revoke_row_lock_column(
     tx: &Transaction<'_>,
     role: &Ident,
     table: &QualifiedName,
-    desired: bool,
     report: &mut ProvisionReport,
 ) -> Result<()> {
-    let err = |source| ProvisionError::GrantPrivileges {
-        role: role.clone(),
-        table: table.clone(),
-        source,
-    };
-    // Column ACLs live in pg_attribute.attacl, not in the table ACL read above.
+    const COLUMN: &str = "created_at";
+    // Column ACLs live in pg_attribute.attacl, not in the table ACL.
     let granted: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
@@ -1027,27 +1704,22 @@ async fn ensure_row_lock_column(
             &[
                 &table.schema.as_str(),
                 &table.name.as_str(),
-                &ROW_LOCK_COLUMN,
+                &COLUMN,
                 &role.as_str(),
             ],
         )
         .await
         .map_err(catalog("column privileges"))?
         .get(0);
-    if desired && !granted {
-        exec(tx, &sql::grant_column_update(table, ROW_LOCK_COLUMN, role))
+    if granted {
+        exec(tx, &sql::revoke_column_update(table, COLUMN, role))
             .await
-            .map_err(err)?;
-        report.change(format!(
-            "granted UPDATE ({ROW_LOCK_COLUMN}) on {table} to {role}"
-        ));
-    } else if !desired && granted {
-        exec(tx, &sql::revoke_column_update(table, ROW_LOCK_COLUMN, role))
-            .await
-            .map_err(err)?;
-        report.change(format!(
-            "revoked UPDATE ({ROW_LOCK_COLUMN}) on {table} from {role}"
-        ));
+            .map_err(|source| ProvisionError::GrantPrivileges {
+                role: role.clone(),
+                table: table.clone(),
+                source,
+            })?;
+        report.change(format!("revoked UPDATE ({COLUMN}) on {table} from {role}"));
     }
     Ok(())
 }
@@ -1129,21 +1801,23 @@ async fn drop_publication_if_exists(
     Ok(())
 }
 
-/// Sets a new password on an existing role (its credentials Secret was lost). Only the SCRAM
-/// verifier is sent. Note: on Postgres 15 a non-superuser admin may not alter a REPLICATION
-/// role at all.
+/// Sets a new password on an existing role of `owner`'s (its credentials Secret was lost and
+/// written anew). Only the SCRAM verifier is sent. A role not marked as `owner`'s is refused
+/// with [`ProvisionError::NameConflict`]. Note: on Postgres 15 a non-superuser admin may not
+/// alter a REPLICATION role at all.
 pub async fn set_role_password(
     admin: &ConnectParams,
+    owner: &OwnerMark,
     role: &Ident,
-    password: &Password,
+    password: &PersistedPassword,
 ) -> Result<()> {
     let client = connect_to(admin, &admin.dbname).await?;
-    if inspect::role_attributes(&client, role)
-        .await
-        .map_err(catalog("role"))?
-        .is_none()
-    {
+    let Some(comment) = role_comment(&client, role).await? else {
         return Err(ProvisionError::RoleMissing { role: role.clone() });
+    };
+    match Holder::of(comment.as_deref(), owner) {
+        Holder::Ours { .. } => {}
+        holder => return Err(conflict(ObjectKind::Role, role.as_str(), &holder)),
     }
     exec_secret(
         &client,
@@ -1166,6 +1840,10 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    fn owner() -> OwnerMark {
+        OwnerMark::new("shop", "orders", "uid-1").unwrap()
+    }
+
     #[test]
     fn a_spec_with_outbox_and_cdc_gives_three_roles_and_their_objects() {
         let s = spec(
@@ -1175,16 +1853,19 @@ mod tests {
              outbox: {table: events.outbox}\n\
              cdc: {tables: [public.orders], kafkaConnect: {url: 'http://c:8083'}, topicPrefix: cdc}\n",
         );
-        let plan = DatabasePlan::for_spec(&s, true).unwrap();
+        let plan = DatabasePlan::for_spec(&s, owner(), true).unwrap();
         assert_eq!(plan.database.as_str(), "orders_api");
         assert_eq!(plan.app.name.as_str(), "orders_api");
+        assert_eq!(plan.owner, owner());
+        assert!(!plan.adopt);
         let relay = plan.relay.as_ref().unwrap();
         assert_eq!(
             (relay.name.as_str(), relay.replication),
             ("orders_api_relay", true)
         );
-        assert!(plan.outbox_publication && !plan.relay_row_locks);
+        assert!(plan.outbox_publication);
         assert_eq!(plan.outbox.as_ref().unwrap().to_string(), "events.outbox");
+        assert_eq!(plan.outbox_owner.as_str(), "orders_api_outbox");
         let cdc = plan.cdc.as_ref().unwrap();
         assert_eq!(
             (cdc.role.name.as_str(), cdc.role.replication),
@@ -1192,19 +1873,63 @@ mod tests {
         );
         assert_eq!(cdc.tables[0].to_string(), "public.orders");
         assert_eq!(plan.extensions, vec![Ident::new("pgcrypto").unwrap()]);
-        assert!(plan.roles().all(|(r, _)| r.set_password.is_none()));
+        assert!(plan.roles().all(|(r, _)| r.password.is_none()));
+        assert!(plan.retired_roles.is_empty());
+        let all: Vec<_> = plan
+            .all_roles()
+            .into_iter()
+            .map(|r| r.0.to_string())
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "orders_api",
+                "orders_api_relay",
+                "orders_api_cdc",
+                "orders_api_outbox"
+            ]
+        );
     }
 
     #[test]
-    fn a_spec_without_outbox_has_no_relay_role() {
+    fn a_spec_without_outbox_or_cdc_retires_their_roles() {
         let s = spec(
             "owner: {service: billing}\n\
              instance: {external: {host: pg, adminSecretRef: {name: a}}}\n\
-             database: {name: billing_db}\n\
+             database: {name: billing_db, adopt: true}\n\
              outbox: {enabled: false}\n",
         );
-        let plan = DatabasePlan::for_spec(&s, false).unwrap();
+        let plan = DatabasePlan::for_spec(&s, owner(), false).unwrap();
         assert_eq!(plan.database.as_str(), "billing_db");
+        assert!(plan.adopt);
         assert!(plan.relay.is_none() && plan.outbox.is_none() && plan.cdc.is_none());
+        let retired: Vec<_> = plan.retired_roles.iter().map(|r| r.to_string()).collect();
+        assert_eq!(retired, ["billing_relay", "billing_cdc"]);
+        assert_eq!(
+            plan.all_roles().len(),
+            1,
+            "no outbox owner without an outbox"
+        );
+    }
+
+    #[test]
+    fn a_name_conflict_names_the_object_and_its_holder() {
+        let e = ProvisionError::NameConflict {
+            kind: ObjectKind::Database,
+            name: "orders".into(),
+            holder: Some(("shop-dev".into(), "orders".into())),
+        };
+        assert_eq!(e.category(), "NameConflict");
+        let text = e.to_string();
+        assert!(
+            text.contains("database orders") && text.contains("shop-dev/orders"),
+            "{text}"
+        );
+        let e = ProvisionError::NameConflict {
+            kind: ObjectKind::Role,
+            name: "orders".into(),
+            holder: None,
+        };
+        assert!(e.to_string().contains("database.adopt: true"), "{e}");
     }
 }

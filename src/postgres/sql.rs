@@ -8,8 +8,10 @@
 use std::collections::BTreeSet;
 
 use super::identifiers::{
-    Ident, Literal, QualifiedName, outbox_notify_channel, outbox_notify_trigger, outbox_seq_index,
+    Ident, Literal, QualifiedName, functions_schema, outbox_notify_channel, outbox_notify_trigger,
+    outbox_seq_index, quote_ident,
 };
+use super::ownership::OwnerMark;
 use super::passwords::ScramVerifier;
 
 /// Role attributes the operator manages, as in `pg_roles`.
@@ -44,6 +46,15 @@ impl RoleAttributes {
             inherit: false,
             replication,
             bypassrls: false,
+        }
+    }
+
+    /// The outbox owner: cannot log in, inherits nothing; it only owns the outbox and the
+    /// functions the relay calls.
+    pub fn outbox_owner() -> Self {
+        RoleAttributes {
+            login: false,
+            ..Self::service_role(false)
         }
     }
 
@@ -132,9 +143,48 @@ pub fn grant_role_to_admin(role: &Ident, admin: &str, server_version_num: i32) -
     }
 }
 
-/// `CREATE DATABASE ... OWNER ...` (cannot run inside a transaction block).
+/// `CREATE DATABASE ... OWNER ... TEMPLATE template0` (cannot run inside a transaction block).
+/// `template0` because `template1` is writable by whoever the server's superusers let write
+/// it: a new database must never inherit another tenant's objects.
 pub fn create_database(db: &Ident, owner: &Ident) -> String {
-    format!("CREATE DATABASE {} OWNER {}", db.quoted(), owner.quoted())
+    format!(
+        "CREATE DATABASE {} OWNER {} TEMPLATE template0",
+        db.quoted(),
+        owner.quoted()
+    )
+}
+
+/// `COMMENT ON DATABASE ... IS '<mark>'`.
+pub fn comment_on_database(db: &Ident, mark: &OwnerMark) -> String {
+    format!(
+        "COMMENT ON DATABASE {} IS {}",
+        db.quoted(),
+        Literal::from_mark(mark).as_sql()
+    )
+}
+
+/// `COMMENT ON ROLE ... IS '<mark>'`.
+pub fn comment_on_role(role: &Ident, mark: &OwnerMark) -> String {
+    format!(
+        "COMMENT ON ROLE {} IS {}",
+        role.quoted(),
+        Literal::from_mark(mark).as_sql()
+    )
+}
+
+/// `REVOKE CONNECT ON DATABASE` (a retired role).
+pub fn revoke_connect(db: &Ident, role: &Ident) -> String {
+    format!(
+        "REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM {}",
+        db.quoted(),
+        role.quoted()
+    )
+}
+
+/// `DROP OWNED BY`: in the current database, revokes every privilege granted to the role (and
+/// drops what it owns; called only for roles that own nothing).
+pub fn drop_owned_by(role: &Ident) -> String {
+    format!("DROP OWNED BY {}", role.quoted())
 }
 
 /// `ALTER DATABASE ... OWNER TO ...`.
@@ -162,6 +212,34 @@ pub fn grant_connect(db: &Ident, role: &Ident) -> String {
 /// `CREATE EXTENSION IF NOT EXISTS ... CASCADE` (CASCADE installs what it depends on).
 pub fn create_extension(ext: &Ident) -> String {
     format!("CREATE EXTENSION IF NOT EXISTS {} CASCADE", ext.quoted())
+}
+
+/// `CREATE EXTENSION ... SCHEMA <schema> CASCADE`, for untrusted extensions a superuser
+/// creates: the script runs with its target schema first in `search_path`, so that schema must
+/// be one the app cannot write.
+pub fn create_extension_in(ext: &Ident, schema: &Ident) -> String {
+    format!(
+        "CREATE EXTENSION IF NOT EXISTS {} SCHEMA {} CASCADE",
+        ext.quoted(),
+        schema.quoted()
+    )
+}
+
+/// `SET LOCAL search_path` to a fixed, admin-owned list (extension scripts run as superuser).
+pub fn set_local_search_path(schema: &Ident) -> String {
+    format!(
+        "SET LOCAL search_path = {}, pg_catalog, pg_temp",
+        schema.quoted()
+    )
+}
+
+/// `CREATE SCHEMA ... AUTHORIZATION ...`.
+pub fn create_schema_owned_by(schema: &Ident, owner: &Ident) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}",
+        schema.quoted(),
+        owner.quoted()
+    )
 }
 
 /// Postgres 14 and older let PUBLIC create objects in `public`.
@@ -216,11 +294,14 @@ pub fn create_outbox_seq_index(table: &QualifiedName) -> String {
 /// relay needs, and NOTIFYs with equal payloads in one transaction are folded anyway). The
 /// channel comes in as a trigger argument so the body holds no interpolated text.
 /// `pg_catalog` is spelled out so a hostile `search_path` cannot redirect the call.
+/// The function lives in [`FUNCTIONS_SCHEMA`], owned by the outbox role, so the app (which owns
+/// the outbox's schema) cannot replace its body.
 pub fn create_outbox_notify_function(table: &QualifiedName) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS \
+        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql \
+         SET search_path = pg_catalog, pg_temp AS \
          $servicedb$ BEGIN PERFORM pg_catalog.pg_notify(TG_ARGV[0], ''); RETURN NULL; END $servicedb$",
-        table.schema.quoted(),
+        functions_schema().quoted(),
         outbox_notify_trigger(table).quoted()
     )
 }
@@ -232,9 +313,191 @@ pub fn create_outbox_notify_trigger(table: &QualifiedName) -> String {
         "CREATE TRIGGER {} AFTER INSERT ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}({})",
         name.quoted(),
         table.quoted(),
-        table.schema.quoted(),
+        functions_schema().quoted(),
         name.quoted(),
         Literal::from_ident(&outbox_notify_channel(table)).as_sql()
+    )
+}
+
+/// `DROP TRIGGER IF EXISTS` (a notify trigger calling a function the outbox role does not own,
+/// left by an older operator version).
+pub fn drop_trigger(table: &QualifiedName, trigger: &Ident) -> String {
+    format!(
+        "DROP TRIGGER IF EXISTS {} ON {}",
+        trigger.quoted(),
+        table.quoted()
+    )
+}
+
+/// One function the relay reaches the outbox through: its name, argument types as
+/// `pg_get_function_identity_arguments` prints them, body, and full `CREATE OR REPLACE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxFunction {
+    /// Name in [`FUNCTIONS_SCHEMA`].
+    pub name: &'static str,
+    /// `pg_get_function_identity_arguments` spelling, for lookups and GRANTs.
+    pub args: &'static str,
+    /// The body (`prosrc`), compared to decide whether to replace it.
+    pub body: String,
+    /// SECURITY DEFINER (the relay-facing ones) or not (the guard).
+    pub definer: bool,
+    /// The relay gets EXECUTE on it.
+    pub for_relay: bool,
+    /// The `CREATE OR REPLACE FUNCTION` statement.
+    pub create: String,
+}
+
+impl OutboxFunction {
+    /// `"servicedb"."name"(args)`, for GRANT/REVOKE.
+    pub fn signature(&self) -> String {
+        format!(
+            "{}.{}({})",
+            functions_schema().quoted(),
+            quote_ident(self.name),
+            self.args
+        )
+    }
+}
+
+/// Name of the claim function (`DELETE ... RETURNING` a batch in `seq` order).
+pub const CLAIM_FUNCTION: &str = "outbox_claim";
+/// Name of the delete-by-ids function (Logical mode deletes what it streamed).
+pub const DELETE_FUNCTION: &str = "outbox_delete";
+/// Name of the lag function (rows waiting, age of the oldest).
+pub const LAG_FUNCTION: &str = "outbox_lag";
+/// Name of the guard every other function calls first.
+pub const GUARD_FUNCTION: &str = "outbox_guard";
+
+/// The functions the relay uses instead of table privileges, for `table`.
+///
+/// Every relay-facing function is SECURITY DEFINER as the outbox role, with a pinned
+/// `search_path`, and first calls the guard: the named relation must be a plain table owned
+/// by the outbox role, without forced row security, without rules, and with no trigger whose
+/// function the outbox role does not own. SQL functions parse their whole body before running
+/// it, so the relation is resolved and locked before the guard checks it, and it cannot be
+/// swapped until the caller's transaction ends. Whatever the app does to the outbox's schema
+/// (it owns it), no code of its choosing runs as the outbox role, let alone as the relay.
+pub fn outbox_functions(table: &QualifiedName) -> Vec<OutboxFunction> {
+    let schema = functions_schema().quoted();
+    let t = table.quoted();
+    let rel = Literal::from_qualified(table);
+    let rel = rel.as_sql();
+    let guard_body = format!(
+        " DECLARE rel pg_catalog.regclass := {rel}::pg_catalog.regclass; \
+         me pg_catalog.oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user); \
+         BEGIN \
+         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = rel AND c.relkind = 'r' \
+         AND c.relowner = me AND NOT c.relforcerowsecurity) THEN \
+         RAISE EXCEPTION 'servicedb: % is not a table owned by %', rel, current_user USING ERRCODE = '42501'; \
+         END IF; \
+         IF EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w WHERE w.ev_class = rel) \
+         OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid \
+         WHERE g.tgrelid = rel AND NOT g.tgisinternal AND p.proowner <> me) THEN \
+         RAISE EXCEPTION 'servicedb: % has rules or triggers the outbox role does not own', rel USING ERRCODE = '42501'; \
+         END IF; \
+         END "
+    );
+    let guard_call = format!("SELECT {schema}.{}();", quote_ident(GUARD_FUNCTION));
+    let claim_body = format!(
+        " {guard_call} \
+         DELETE FROM {t} WHERE id IN (SELECT id FROM {t} ORDER BY seq LIMIT $1) \
+         RETURNING seq, id, aggregatetype, aggregateid, type, payload::pg_catalog.text, \
+         headers::pg_catalog.text, pg_catalog.date_part('epoch', created_at)::pg_catalog.float8 "
+    );
+    let delete_body = format!(
+        " {guard_call} \
+         WITH d AS (DELETE FROM {t} WHERE id = ANY ($1) RETURNING 1) \
+         SELECT pg_catalog.count(*) FROM d "
+    );
+    let lag_body = format!(
+        " {guard_call} \
+         SELECT (SELECT pg_catalog.max(seq) FROM {t}) - (SELECT pg_catalog.min(seq) FROM {t}) + 1, \
+         (SELECT pg_catalog.date_part('epoch', pg_catalog.now() - created_at)::pg_catalog.float8 \
+         FROM {t} ORDER BY seq LIMIT 1) "
+    );
+    let make = |name: &'static str,
+                args: &'static str,
+                params: &str,
+                returns: &str,
+                language: &str,
+                body: String,
+                definer: bool,
+                for_relay: bool| {
+        let create = format!(
+            "CREATE OR REPLACE FUNCTION {schema}.{}({params}) RETURNS {returns} LANGUAGE {language} \
+             {}SET search_path = pg_catalog, pg_temp AS $servicedb${body}$servicedb$",
+            quote_ident(name),
+            if definer { "SECURITY DEFINER " } else { "" },
+        );
+        OutboxFunction {
+            name,
+            args,
+            body,
+            definer,
+            for_relay,
+            create,
+        }
+    };
+    vec![
+        make(
+            GUARD_FUNCTION,
+            "",
+            "",
+            "void",
+            "plpgsql",
+            guard_body,
+            false,
+            false,
+        ),
+        make(
+            CLAIM_FUNCTION,
+            "batch bigint",
+            "batch bigint",
+            "TABLE (seq bigint, id uuid, aggregatetype text, aggregateid text, \"type\" text, \
+             payload text, headers text, created_epoch double precision)",
+            "sql",
+            claim_body,
+            true,
+            true,
+        ),
+        make(
+            DELETE_FUNCTION,
+            "ids uuid[]",
+            "ids uuid[]",
+            "bigint",
+            "sql",
+            delete_body,
+            true,
+            true,
+        ),
+        make(
+            LAG_FUNCTION,
+            "",
+            "",
+            "TABLE (lag_rows bigint, lag_seconds double precision)",
+            "sql",
+            lag_body,
+            true,
+            true,
+        ),
+    ]
+}
+
+/// `REVOKE ALL ON FUNCTION ... FROM PUBLIC` (functions are executable by PUBLIC by default).
+pub fn revoke_function_from_public(signature: &str) -> String {
+    format!("REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
+}
+
+/// `GRANT EXECUTE ON FUNCTION`.
+pub fn grant_execute(signature: &str, role: &Ident) -> String {
+    format!("GRANT EXECUTE ON FUNCTION {signature} TO {}", role.quoted())
+}
+
+/// `REVOKE EXECUTE ON FUNCTION`.
+pub fn revoke_execute(signature: &str, role: &Ident) -> String {
+    format!(
+        "REVOKE EXECUTE ON FUNCTION {signature} FROM {}",
+        role.quoted()
     )
 }
 
@@ -409,6 +672,9 @@ pub fn drop_publication(name: &Ident) -> String {
     format!("DROP PUBLICATION IF EXISTS {}", name.quoted())
 }
 
+/// `ALTER SCHEMA ... OWNER`/`ALTER TABLE ... OWNER` are above; `RESET ROLE` ends a `SET ROLE`.
+pub const RESET_ROLE: &str = "RESET ROLE";
+
 /// `SET ROLE` (inside a transaction the caller ends; Postgres resets it on rollback too).
 pub fn set_role(role: &Ident) -> String {
     format!("SET LOCAL ROLE {}", role.quoted())
@@ -480,7 +746,7 @@ mod tests {
         let t = QualifiedName::parse("events.outbox").unwrap();
         assert_eq!(
             create_database(&ident("orders"), &ident("orders_api")),
-            "CREATE DATABASE \"orders\" OWNER \"orders_api\""
+            "CREATE DATABASE \"orders\" OWNER \"orders_api\" TEMPLATE template0"
         );
         assert_eq!(
             create_outbox_seq_index(&t),
@@ -488,7 +754,7 @@ mod tests {
         );
         assert_eq!(
             create_outbox_notify_trigger(&t),
-            "CREATE TRIGGER \"outbox_notify\" AFTER INSERT ON \"events\".\"outbox\" FOR EACH STATEMENT EXECUTE FUNCTION \"events\".\"outbox_notify\"('outbox_outbox')"
+            "CREATE TRIGGER \"outbox_notify\" AFTER INSERT ON \"events\".\"outbox\" FOR EACH STATEMENT EXECUTE FUNCTION \"servicedb\".\"outbox_notify\"('outbox_outbox')"
         );
         let privs = BTreeSet::from([TablePrivilege::Delete, TablePrivilege::Select]);
         assert_eq!(
@@ -498,6 +764,71 @@ mod tests {
         assert_eq!(
             grant_role_to_admin(&ident("a"), "ad\"min", 150_000),
             "GRANT \"a\" TO \"ad\"\"min\""
+        );
+    }
+
+    #[test]
+    fn marks_are_written_as_comments() {
+        let mark = OwnerMark::new("shop", "orders", "0b7c-9a3e").unwrap();
+        assert_eq!(
+            comment_on_role(&ident("orders_api"), &mark),
+            "COMMENT ON ROLE \"orders_api\" IS 'servicedb.io/owner=v1 ns=shop name=orders uid=0b7c-9a3e'"
+        );
+        assert!(
+            comment_on_database(&ident("orders"), &mark)
+                .starts_with("COMMENT ON DATABASE \"orders\" IS 'servicedb.io/owner=v1 ")
+        );
+    }
+
+    #[test]
+    fn relay_functions_are_definers_with_a_pinned_search_path_that_check_the_table_first() {
+        let t = QualifiedName::parse("events.outbox").unwrap();
+        let fns = outbox_functions(&t);
+        let names: Vec<_> = fns.iter().map(|f| f.name).collect();
+        assert_eq!(
+            names,
+            vec![
+                GUARD_FUNCTION,
+                CLAIM_FUNCTION,
+                DELETE_FUNCTION,
+                LAG_FUNCTION
+            ]
+        );
+        for f in &fns {
+            assert!(
+                f.create.contains("SET search_path = pg_catalog, pg_temp"),
+                "{}",
+                f.create
+            );
+            assert_eq!(
+                f.create.contains("SECURITY DEFINER"),
+                f.definer,
+                "{}",
+                f.create
+            );
+            assert!(
+                f.create
+                    .starts_with("CREATE OR REPLACE FUNCTION \"servicedb\".")
+            );
+            if f.for_relay {
+                assert!(
+                    f.body
+                        .trim_start()
+                        .starts_with("SELECT \"servicedb\".\"outbox_guard\"();"),
+                    "{}",
+                    f.body
+                );
+                assert!(f.body.contains("\"events\".\"outbox\""));
+            }
+        }
+        assert_eq!(
+            fns[1].signature(),
+            "\"servicedb\".\"outbox_claim\"(batch bigint)"
+        );
+        assert!(
+            fns[0]
+                .body
+                .contains("'\"events\".\"outbox\"'::pg_catalog.regclass")
         );
     }
 

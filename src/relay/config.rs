@@ -67,6 +67,13 @@ pub struct RelayConfig {
     /// with an error naming the event id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// Schema of the outbox access functions (`outbox_claim(bigint)`, `outbox_delete(uuid[])`,
+    /// `outbox_lag()`), SECURITY DEFINER functions owned by the outbox's owner. When set, the
+    /// relay claims, deletes and measures lag only through them and needs no privilege on the
+    /// table itself (the operator renders `servicedb`). When absent, it uses direct SQL on the
+    /// table (SELECT and DELETE privileges), as against any Debezium-style outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions_schema: Option<String>,
 }
 
 fn default_batch_size() -> u32 {
@@ -262,6 +269,52 @@ pub const RESERVED_KAFKA_PROPERTIES: &[&str] = &[
     "enable.gapless.guarantee",
 ];
 
+/// How the relay reads, deletes and measures the outbox: the SQL of each operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxSql {
+    /// Claims a batch: `$1` = limit (bigint); returns seq, id, aggregatetype, aggregateid,
+    /// type, payload (text), headers (text), created_at as epoch seconds (float8).
+    pub claim: String,
+    /// Deletes rows by id: `$1` = uuid[].
+    pub delete: String,
+    /// One row: rows waiting (bigint, may be NULL), age of the oldest in seconds (float8).
+    pub lag: String,
+}
+
+impl OutboxSql {
+    /// Direct SQL on `table`, or calls into the functions in `functions_schema`.
+    pub fn new(table: &TableName, functions_schema: Option<&str>) -> Self {
+        match functions_schema {
+            Some(schema) => {
+                let s = quote_ident(schema);
+                OutboxSql {
+                    claim: format!(
+                        "SELECT seq, id, aggregatetype, aggregateid, \"type\", payload, headers, created_epoch \
+                         FROM {s}.outbox_claim($1::bigint)"
+                    ),
+                    delete: format!("SELECT {s}.outbox_delete($1::uuid[])"),
+                    lag: format!("SELECT lag_rows, lag_seconds FROM {s}.outbox_lag()"),
+                }
+            }
+            None => {
+                let q = table.quoted();
+                OutboxSql {
+                    claim: format!(
+                        "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} ORDER BY seq LIMIT $1) \
+                         RETURNING seq, id, aggregatetype, aggregateid, type, payload::text, headers::text, \
+                         extract(epoch from created_at)::float8"
+                    ),
+                    delete: format!("DELETE FROM {q} WHERE id = ANY($1)"),
+                    lag: format!(
+                        "SELECT (SELECT max(seq) FROM {q}) - (SELECT min(seq) FROM {q}) + 1, \
+                         (SELECT extract(epoch from now() - created_at)::float8 FROM {q} ORDER BY seq LIMIT 1)"
+                    ),
+                }
+            }
+        }
+    }
+}
+
 /// The configuration after validation: every derived name computed once.
 #[derive(Clone, Debug)]
 pub struct Validated {
@@ -271,6 +324,7 @@ pub struct Validated {
     pub publication: String,
     pub listen: SocketAddr,
     pub template: Template,
+    pub sql: OutboxSql,
 }
 
 impl RelayConfig {
@@ -313,6 +367,9 @@ impl RelayConfig {
             None => format!("{}_pub", table.name),
         };
         check_identifier("publication", &publication)?;
+        if let Some(schema) = &self.functions_schema {
+            check_identifier("functionsSchema", schema)?;
+        }
         let listen: SocketAddr = self.listen.parse().map_err(|e| {
             ConfigError::Invalid(format!(
                 "listen {:?} is not an address:port: {e}",
@@ -387,8 +444,10 @@ impl RelayConfig {
                 ));
             }
         };
+        let sql = OutboxSql::new(&table, self.functions_schema.as_deref());
         Ok(Validated {
             config: self,
+            sql,
             table,
             slot,
             publication,
@@ -561,6 +620,27 @@ mod tests {
         assert_eq!(v.table.quoted(), "\"app\".\"events\"");
         assert_eq!(v.slot, "s1");
         assert_eq!(v.template.nats_wildcard(), "ev.>");
+        assert!(v.sql.claim.starts_with("DELETE FROM \"app\".\"events\""));
+    }
+
+    #[test]
+    fn a_functions_schema_routes_every_outbox_statement_through_its_functions() {
+        let v = parse(
+            "table: public.outbox\nfunctionsSchema: servicedb\nsink: {kafka: {bootstrapServers: 'k:9092'}}\n",
+        )
+        .unwrap();
+        for sql in [&v.sql.claim, &v.sql.delete, &v.sql.lag] {
+            assert!(sql.contains("\"servicedb\".outbox_"), "{sql}");
+            assert!(!sql.contains("\"outbox\""), "{sql}");
+        }
+        assert!(
+            parse(
+                "table: outbox\nfunctionsSchema: 'x;y'\nsink: {kafka: {bootstrapServers: 'k:9092'}}"
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("functionsSchema")
+        );
     }
 
     #[test]

@@ -244,11 +244,7 @@ async fn monitor_db(
     db_up: Readiness,
     token: CancellationToken,
 ) {
-    let q = v.table.quoted();
-    let lag_sql = format!(
-        "SELECT (SELECT max(seq) FROM {q}) - (SELECT min(seq) FROM {q}) + 1, \
-                (SELECT extract(epoch from now() - created_at)::float8 FROM {q} ORDER BY seq LIMIT 1)"
-    );
+    let lag_sql = v.sql.lag.clone();
     let slot_sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8 \
                     FROM pg_replication_slots WHERE slot_name = $1";
     let mut client: Option<tokio_postgres::Client> = None;

@@ -45,6 +45,8 @@ pub async fn connect(
         .user(&env.user)
         .dbname(&env.database)
         .application_name(&env.application_name)
+        // Nothing the relay runs may resolve to an object someone else can create.
+        .options("-c search_path=pg_catalog")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))

@@ -108,6 +108,9 @@ pub fn relay_config(
         publication: (spec.mode == RelayMode::Logical).then(|| format!("{table_name}_pub")),
         listen: format!("0.0.0.0:{METRICS_PORT}"),
         dead_letter: None,
+        // The relay role has no privilege on the outbox itself: it goes through the outbox
+        // owner's functions (see the README, "Roles: who may do what").
+        functions_schema: Some(crate::postgres::identifiers::FUNCTIONS_SCHEMA.to_owned()),
     }
 }
 

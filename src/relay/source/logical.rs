@@ -85,13 +85,13 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
 
     // Deletes run on their own task so the stream never waits for them.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Uuid>>();
-    let delete_sql = format!("DELETE FROM {} WHERE id = ANY($1)", ctx.v.table.quoted());
+    let delete_sql = ctx.v.sql.delete.clone();
     let deleter = tokio::spawn(async move {
         while let Some(mut ids) = rx.recv().await {
             while let Ok(more) = rx.try_recv() {
                 ids.extend(more);
             }
-            if let Err(e) = client.execute(&delete_sql, &[&ids]).await {
+            if let Err(e) = client.query(&delete_sql, &[&ids]).await {
                 tracing::warn!(error = %e, rows = ids.len(), "deleting relayed rows failed; they stay in the table (already published, never re-sent in Logical mode)");
             }
         }

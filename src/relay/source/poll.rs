@@ -102,22 +102,17 @@ pub(super) enum Claimed {
 }
 
 /// The claim statement: delete a batch in an open transaction, committed only after every ack.
-/// `FOR UPDATE SKIP LOCKED` would need the UPDATE privilege; the relay role has SELECT and
-/// DELETE only, and the caller is the only claimant (advisory lock, or the slot in Logical
-/// mode). A rolled-back claim (crash, broker down, shutdown) leaves the rows in place. The
-/// sub-select sees every committed row, late commits included: there is no `seq > last_seen`.
+/// `FOR UPDATE SKIP LOCKED` would need the UPDATE privilege; the relay role has none, and the
+/// caller is the only claimant (advisory lock, or the slot in Logical mode). A rolled-back
+/// claim (crash, broker down, shutdown) leaves the rows in place. The sub-select sees every
+/// committed row, late commits included: there is no `seq > last_seen`. With
+/// `functionsSchema` set the same DELETE runs inside the outbox owner's SECURITY DEFINER
+/// function, in this same transaction, so the semantics are identical.
 pub(super) async fn prepare_claim(
     client: &tokio_postgres::Client,
     ctx: &Ctx,
 ) -> Result<tokio_postgres::Statement, RelayError> {
-    let q = ctx.v.table.quoted();
-    Ok(client
-        .prepare(&format!(
-            "DELETE FROM {q} WHERE id IN (SELECT id FROM {q} ORDER BY seq LIMIT $1) \
-             RETURNING seq, id, aggregatetype, aggregateid, type, payload::text, headers::text, \
-             extract(epoch from created_at)::float8"
-        ))
-        .await?)
+    Ok(client.prepare(&ctx.v.sql.claim).await?)
 }
 
 /// Claim one batch, publish it in `seq` order, wait for every ack, then commit the delete.
