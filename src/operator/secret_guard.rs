@@ -78,37 +78,9 @@ pub async fn hold(
     }
     let mut finalizers = current;
     finalizers.push(finalizer);
-    let patch = finalizer_patch(&meta, finalizers);
-    api.patch(secret, &PatchParams::default(), &patch)
-        .await
-        .map_err(|source| GuardError::Patch {
-            secret: secret.to_owned(),
-            source,
-        })?;
-    ctx.metrics.wrote("Secret/finalizer");
+    write_finalizers(ctx, &api, &meta, finalizers).await?;
     info!(secret, "holding the Secret until cleanup is done");
     Ok(())
-}
-
-/// Removes `sdb`'s finalizer from Secret `secret`, if present.
-pub async fn release(
-    ctx: &Context,
-    namespace: &str,
-    secret: &str,
-    sdb: &str,
-) -> Result<(), GuardError> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(meta) = api
-        .get_metadata_opt(secret)
-        .await
-        .map_err(|source| GuardError::Read {
-            secret: secret.to_owned(),
-            source,
-        })?
-    else {
-        return Ok(());
-    };
-    release_meta(ctx, &api, &meta, sdb).await
 }
 
 /// Releases `sdb`'s hold on every Secret of the namespace except `keep` (the admin Secret
@@ -156,7 +128,25 @@ async fn release_meta(
         return Ok(());
     }
     let remaining: Vec<String> = current.into_iter().filter(|f| *f != finalizer).collect();
-    let patch = finalizer_patch(meta, remaining);
+    write_finalizers(ctx, api, meta, remaining).await?;
+    info!(secret = %name, "released the Secret");
+    Ok(())
+}
+
+/// Replaces the Secret's finalizer list with a merge patch guarded by the resourceVersion it
+/// was computed from: a concurrent change by another ServiceDatabase makes this one fail with a
+/// conflict (and retry) instead of overwriting the other's finalizer.
+async fn write_finalizers(
+    ctx: &Context,
+    api: &Api<Secret>,
+    meta: &PartialObjectMeta<Secret>,
+    finalizers: Vec<String>,
+) -> Result<(), GuardError> {
+    let name = meta.metadata.name.clone().unwrap_or_default();
+    let patch = Patch::Merge(json!({"metadata": {
+        "resourceVersion": meta.metadata.resource_version,
+        "finalizers": finalizers,
+    }}));
     api.patch(&name, &PatchParams::default(), &patch)
         .await
         .map_err(|source| GuardError::Patch {
@@ -164,21 +154,7 @@ async fn release_meta(
             source,
         })?;
     ctx.metrics.wrote("Secret/finalizer");
-    info!(secret = %name, "released the Secret");
     Ok(())
-}
-
-/// A merge patch replacing the finalizer list, guarded by the resourceVersion it was computed
-/// from: a concurrent change by another ServiceDatabase makes this one fail with a conflict
-/// (and retry) instead of overwriting the other's finalizer.
-fn finalizer_patch(
-    meta: &PartialObjectMeta<Secret>,
-    finalizers: Vec<String>,
-) -> Patch<serde_json::Value> {
-    Patch::Merge(json!({"metadata": {
-        "resourceVersion": meta.metadata.resource_version,
-        "finalizers": finalizers,
-    }}))
 }
 
 #[cfg(test)]
