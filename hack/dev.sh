@@ -32,6 +32,17 @@ kubectl -n "${NS}" create secret generic pg-admin \
   --from-literal=username="${PGUSER}" --from-literal=password="${PGPASSWORD}" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
+# The external examples' CA (caSecretRef pg-ca): the local Postgres's own private CA when it serves
+# TLS (hack/testenv.sh), and the examples then run with the default verify-full; a local server
+# without TLS runs them with sslMode: disable (the CA, any PEM, is then unused).
+if [[ -s "${PGSSLROOTCERT:-}" ]] && [[ "$(psql -XAtqc 'show ssl' 2>/dev/null)" == on ]]; then
+  CA_FILE="${PGSSLROOTCERT}"; SSL_MODE=verify-full
+else
+  CA_FILE="${KUBE_CA_FILE}"; SSL_MODE=disable
+fi
+kubectl -n "${NS}" create secret generic pg-ca --from-file=ca.crt="${CA_FILE}" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -54,7 +65,7 @@ log "applying the examples, pointed at the local Postgres, Kafka and NATS"
 for f in examples/*.yaml; do
   sed -e "s|host: postgres.example.internal|host: ${PGHOST}|" \
       -e "s|port: 5432|port: ${PGPORT}|" \
-      -e "s|sslMode: prefer |sslMode: disable|" \
+      -e "s|# sslMode: verify-full |sslMode: ${SSL_MODE} |" \
       -e "s|kafka.kafka.svc:9092|${KAFKA_BOOTSTRAP_SERVERS}|" \
       -e "s|nats://nats.nats.svc:4222|${NATS_URL}|" "$f" \
     | kubectl -n "${NS}" apply --server-side --field-manager servicedb-dev -f - >/dev/null

@@ -159,6 +159,62 @@ start_kcm() {
     --service-cluster-ip-range 10.0.0.0/24 --profiling=false
 }
 
+# gen_pg_certs DIR: a private CA and a server certificate for the shared Postgres (SANs
+# 127.0.0.1 and localhost, ECDSA P-256) as DIR/pg-ca.{crt,key} and DIR/pg-server.{crt,key}.
+# Kept when present, so a run dir keeps its CA for its whole life.
+gen_pg_certs() {
+  local d="$1"; mkdir -p "$d"
+  [[ -s "$d/pg-ca.crt" && -s "$d/pg-server.crt" && -s "$d/pg-server.key" ]] && return 0
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -days 3650 -sha256 -subj "/CN=servicedb-testenv-postgres-ca" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$d/pg-ca.key" -out "$d/pg-ca.crt" 2>/dev/null || die "openssl: Postgres CA"
+  openssl req "${ec[@]}" -subj "/CN=localhost" -keyout "$d/pg-server.key" -out "$d/pg-server.csr" 2>/dev/null \
+    || die "openssl: Postgres server key"
+  printf '%s\n' basicConstraints=CA:FALSE keyUsage=digitalSignature,keyEncipherment \
+    extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1,DNS:localhost > "$d/pg-server.ext"
+  openssl x509 -req -sha256 -in "$d/pg-server.csr" -CA "$d/pg-ca.crt" -CAkey "$d/pg-ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/pg-server.ext" -out "$d/pg-server.crt" 2>/dev/null || die "openssl: Postgres server certificate"
+  rm -f "$d/pg-server.csr" "$d/pg-server.ext"
+  chmod 600 "$d"/pg-*.key
+}
+
+# install_pg_tls CERTS DIR: copies the server certificate and key where the postgres user can
+# read them (the key 0600, owned by postgres, as Postgres demands) and prints the server
+# settings that serve TLS with them.
+install_pg_tls() {
+  local certs="$1" dir="$2"
+  install -o postgres -g postgres -m 0644 "$certs/pg-server.crt" "$dir/server.crt"
+  install -o postgres -g postgres -m 0600 "$certs/pg-server.key" "$dir/server.key"
+  printf '%s\n' -c ssl=on -c "ssl_cert_file=$dir/server.crt" -c "ssl_key_file=$dir/server.key" \
+    -c ssl_min_protocol_version=TLSv1.2
+}
+
+# pg_tls_check: the TLS part alone, on a throwaway server: certificates in a temporary dir, a
+# Postgres 15 with exactly the shared server's TLS settings, and psql connecting with
+# sslmode=verify-full against the CA by name and by address. Starts and stops its own server.
+pg_tls_check() {
+  local tmp; tmp="$(mktemp -d /tmp/servicedb-pg-tls-check.XXXXXX)"
+  chown postgres: "$tmp"; chmod 700 "$tmp"
+  local port; port="$(free_port)"
+  gen_pg_certs "$tmp/certs"
+  as_postgres "${PG_BIN}/initdb" -D "$tmp/data" -U postgres --auth=trust -N >/dev/null 2>&1 || die "initdb failed"
+  local tls; mapfile -t tls < <(install_pg_tls "$tmp/certs" "$tmp")
+  as_postgres "${PG_BIN}/pg_ctl" -D "$tmp/data" -l "$tmp/log" -w \
+    -o "-k $tmp -p $port -c listen_addresses=127.0.0.1 ${tls[*]}" start >/dev/null || { cat "$tmp/log" >&2; die "postgres did not start"; }
+  local ok=1 host out
+  for host in localhost 127.0.0.1; do
+    out="$(psql "host=$host port=$port user=postgres dbname=postgres sslmode=verify-full sslrootcert=$tmp/certs/pg-ca.crt" \
+      -XAtqc "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()" 2>&1)"
+    log "verify-full via $host: $out"
+    [[ "$out" == t\|TLSv1.[23] ]] || ok=0
+  done
+  as_postgres "${PG_BIN}/pg_ctl" -D "$tmp/data" -m fast stop >/dev/null || true
+  rm -rf "$tmp"
+  ((ok)) || die "TLS check failed"
+  log "TLS check passed"
+}
+
 start_postgres() {
   # The data dir lives under /tmp: the postgres user may not be able to traverse the work tree
   # (e.g. a clone under /root). RUN_DIR/postgres links to it; `down` removes it.
@@ -170,11 +226,14 @@ start_postgres() {
   as_postgres "${PG_BIN}/initdb" -D "$data/data" -U postgres --auth=scram-sha-256 --pwfile="$pw" \
     --encoding=UTF8 --locale=C.UTF-8 -N > "${LOGS}/postgres-initdb.log" 2>&1 || { rm -f "$pw"; fail_with_log postgres-initdb; }
   rm -f "$pw"
+  # TLS with the run dir's private CA; pg_hba keeps `host` lines, so sslmode=disable works too.
+  gen_pg_certs "$CERTS"
+  local tls; mapfile -t tls < <(install_pg_tls "$CERTS" "$data")
   start postgres setpriv --reuid=postgres --regid=postgres --init-groups --reset-env \
     "${PG_BIN}/postgres" -D "$data/data" -k "$data" -p "$PG_PORT" \
     -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64 \
     -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-    -c shared_buffers=128MB -c logging_collector=off -c log_min_messages=warning
+    -c shared_buffers=128MB -c logging_collector=off -c log_min_messages=warning "${tls[@]}"
 }
 as_postgres() { setpriv --reuid=postgres --regid=postgres --init-groups --reset-env "$@"; }
 
@@ -284,6 +343,8 @@ export PGUSER='postgres'
 export PGPASSWORD='${PG_PASSWORD}'
 export PGDATABASE='postgres'
 export PGSSLMODE='disable'
+export PGSSLROOTCERT='${CERTS}/pg-ca.crt'
+export SERVICEDB_TEST_PG_CA_FILE='${CERTS}/pg-ca.crt'
 export KAFKA_BOOTSTRAP_SERVERS='127.0.0.1:${KAFKA_PORT}'
 export KAFKA_CONTROLLER_PORT='${KAFKA_CONTROLLER_PORT}'
 export KAFKA_LIB='$(kafka_lib)'
@@ -431,5 +492,6 @@ case "${1:-}" in
   up) with_lock up ;;
   down) with_lock down ;;
   status) if status; then log "test environment up: source ${ENV_FILE}"; else exit 1; fi ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  pg-tls-check) pg_tls_check ;;
+  *) echo "usage: $0 up|down|status|pg-tls-check" >&2; exit 2 ;;
 esac

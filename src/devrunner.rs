@@ -151,13 +151,30 @@ pub fn resolve_pod(
             let data = secrets
                 .get(&name)
                 .ok_or_else(|| missing(format!("Secret {name}")))?;
+            // Only the listed keys, as the kubelet does (the relay's CA mount lists `ca.crt`
+            // alone, never the password).
+            let listed: Option<Vec<&str>> = s
+                .items
+                .as_ref()
+                .map(|items| items.iter().map(|i| i.key.as_str()).collect());
             for (k, v) in data.data.iter().flatten() {
-                files.insert(dir.join(k), v.0.clone());
+                if listed.as_ref().is_none_or(|l| l.contains(&k.as_str())) {
+                    files.insert(dir.join(k), v.0.clone());
+                }
             }
         }
     }
     // Longest mount path first, so nested mounts re-root correctly.
     mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    // Plain env values naming a mounted file (PGSSLROOTCERT) follow the re-rooted mount.
+    for value in env.values_mut() {
+        if mounts
+            .iter()
+            .any(|(path, _)| value.starts_with(&format!("{path}/")))
+        {
+            *value = reroot(root, value).to_string_lossy().into_owned();
+        }
+    }
     let args = container
         .args
         .iter()
@@ -503,6 +520,7 @@ mod tests {
             relay_secret: "orders-relay",
             image: "img",
             checksum: "c".into(),
+            ca: false,
         };
         let d = deployment(&params);
         let pod = Pod {

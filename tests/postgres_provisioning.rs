@@ -5,6 +5,9 @@
 //! `target/testenv/env` (written by `hack/testenv.sh up`). Each test uses its own database and
 //! roles with a random suffix, so tests run in parallel on one server, and drops them at the end.
 
+mod relay_common;
+mod tls_common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -892,14 +895,48 @@ async fn connection_failures_are_told_apart() {
     assert_eq!(e.category(), "ConnectTimeout", "{e}");
 }
 
+/// A variable of the test environment: the process environment, else `target/testenv/env`.
+fn testenv_var(key: &str) -> Option<String> {
+    if let Ok(v) = std::env::var(key) {
+        return Some(v);
+    }
+    let dir = std::env::var("SERVICEDB_TESTENV_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/testenv").to_owned());
+    let text = std::fs::read_to_string(format!("{dir}/env")).ok()?;
+    text.lines().find_map(|line| {
+        let line = line.trim().trim_start_matches("export ").trim();
+        let (k, v) = line.split_once('=')?;
+        (k == key).then(|| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
+    })
+}
+
 #[tokio::test]
 async fn sslmodes_encrypt_and_verify_as_libpq_does() {
+    // The shared server when it serves TLS with the environment's private CA
+    // (hack/testenv.sh), else a throwaway TLS server with a CA of its own: never skipped.
     let su = connect(&superuser()).await.unwrap();
     let ssl: String = su.query_one("SHOW ssl", &[]).await.unwrap().get(0);
-    if ssl != "on" {
-        eprintln!("SKIPPED: the server has ssl=off; only sslmode=disable/prefer are exercised");
-        return;
-    }
+    let env_ca = testenv_var("SERVICEDB_TEST_PG_CA_FILE").and_then(|f| std::fs::read(f).ok());
+    let mut _throwaway = None;
+    let (base, ca) = match env_ca {
+        Some(ca) if ssl == "on" => (superuser(), ca),
+        _ => {
+            let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"]).unwrap();
+            let mut spec = tls_common::ServerSpec::tls(cert);
+            spec.hba = "host all all 127.0.0.1/32 scram-sha-256\n".into();
+            let pg = tls_common::TlsServer::start(spec).unwrap();
+            let mut p = ConnectParams::new(
+                "127.0.0.1",
+                pg.port,
+                "postgres",
+                Password::from_plaintext(tls_common::PASSWORD),
+                "postgres",
+            );
+            p.connect_timeout = TIMEOUT;
+            _throwaway = Some(pg);
+            (p, ca.cert_pem.into_bytes())
+        }
+    };
     let encrypted = |c: Client| async move {
         c.query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -914,19 +951,13 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
         (SslMode::Prefer, true),
         (SslMode::Require, true),
     ] {
-        let mut p = superuser();
+        let mut p = base.clone();
         p.ssl_mode = mode;
         assert_eq!(encrypted(connect(&p).await.unwrap()).await, tls, "{mode:?}");
     }
-    // verify-*: against the CA in PGSSLROOTCERT (the test environment's), and refused with a
-    // CA that did not sign the server certificate.
-    let Ok(ca_file) = std::env::var("PGSSLROOTCERT") else {
-        eprintln!("SKIPPED verify-ca/verify-full: PGSSLROOTCERT is not set");
-        return;
-    };
-    let ca = std::fs::read(&ca_file).unwrap();
+    // verify-*: against the server's CA, and refused with the public roots (no CA given).
     for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
-        let mut p = superuser();
+        let mut p = base.clone();
         p.ssl_mode = mode;
         p.ca_pem = Some(ca.clone());
         assert!(

@@ -3,7 +3,9 @@
 //! children, readiness and garbage collection.
 
 mod harness;
+mod relay_common;
 mod support;
+mod tls_common;
 
 use std::time::Duration;
 
@@ -469,6 +471,47 @@ async fn managed_instance_children_are_owned_labelled_ready_and_collected() -> R
             "password"
         )?),
         "plaintext password in bootstrap"
+    );
+
+    // TLS: the namespace CA (no owner: it outlives every database), the instance's server
+    // certificate issued from it and mounted for Postgres, and every client told to verify.
+    let ca = ns.api::<Secret>().get("servicedb-ca").await?;
+    assert!(
+        ca.owner_references().is_empty(),
+        "the CA must outlive the database"
+    );
+    let ca_pem = secret_string(&ca, "tls.crt")?;
+    let tls = ns.api::<Secret>().get("orders-db-tls").await?;
+    assert!(owned_by_sdb(tls.owner_references()));
+    assert_eq!(secret_string(&tls, "ca.crt")?, ca_pem);
+    assert!(secret_string(&tls, "tls.key")?.contains("PRIVATE KEY"));
+    for name in ["orders-app", "orders-relay", "orders-superuser"] {
+        let s = ns.api::<Secret>().get(name).await?;
+        assert_eq!(secret_string(&s, "ca.crt")?, ca_pem, "{name}");
+        assert_eq!(secret_string(&s, "sslmode")?, "verify-full", "{name}");
+        assert!(
+            secret_string(&s, "uri")?.ends_with("?sslmode=verify-full"),
+            "{name}"
+        );
+    }
+    let args = c.args.clone().unwrap_or_default();
+    for setting in ["ssl=on", "ssl_min_protocol_version=TLSv1.2"] {
+        assert!(
+            args.contains(&setting.to_owned()),
+            "{setting} not in {args:?}"
+        );
+    }
+    let tls_volume = pod_spec
+        .volumes
+        .as_ref()
+        .and_then(|v| v.iter().find(|v| v.name == "tls"))
+        .and_then(|v| v.secret.clone())
+        .expect("tls volume");
+    assert_eq!(tls_volume.secret_name.as_deref(), Some("orders-db-tls"));
+    assert_eq!(tls_volume.default_mode, Some(0o640));
+    assert_eq!(
+        pod_spec.security_context.as_ref().and_then(|s| s.fs_group),
+        Some(999)
     );
 
     // NetworkPolicy: default-deny ingress to the instance, 5432 only from the owner, its relays and CDC.
@@ -1083,5 +1126,132 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
             );
         }
     }
+
+#[tokio::test]
+async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_the_ca() -> Result<()>
+{
+    // A throwaway TLS Postgres (hostssl + scram only) whose certificate a private CA signed.
+    let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"])?;
+    let pg = tls_common::TlsServer::start(tls_common::ServerSpec::tls(cert))?;
+    let ns = support::TestNamespace::new("sdb-tls").await?;
+    let _op = Operator::start(&ns.name).await?;
+    for (name, data) in [
+        (
+            "pg-admin",
+            json!({"username": "postgres", "password": tls_common::PASSWORD}),
+        ),
+        ("pg-ca", json!({"ca.crt": ca.cert_pem})),
+    ] {
+        let secret: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))?;
+        ns.api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await?;
+    }
+    // No sslMode: a CA is given, so the mode in force is verify-full.
+    create(
+        &ns,
+        json!({
+            "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+            "metadata": {"name": "billing"},
+            "spec": {
+                "owner": {"service": "billing"},
+                "instance": {"external": {
+                    "host": "127.0.0.1", "port": pg.port,
+                    "adminSecretRef": {"name": "pg-admin"},
+                    "caSecretRef": {"name": "pg-ca"},
+                }},
+                "outbox": {"table": "outbox"},
+            }
+        }),
+    )
+    .await?;
+    let api = ns.api::<ServiceDatabase>();
+    wait_condition(&api, "billing", "Ready", "True", support::TIMEOUT).await?;
+
+    for name in ["billing-app", "billing-relay"] {
+        let s = ns.api::<Secret>().get(name).await?;
+        assert_eq!(secret_string(&s, "ca.crt")?, ca.cert_pem, "{name}");
+        assert_eq!(secret_string(&s, "sslrootcert")?, "ca.crt", "{name}");
+        assert_eq!(secret_string(&s, "sslmode")?, "verify-full", "{name}");
+        assert!(
+            secret_string(&s, "uri")?.ends_with("?sslmode=verify-full"),
+            "{name}"
+        );
+        assert!(
+            secret_string(&s, "jdbc-uri")?.ends_with("&sslmode=verify-full"),
+            "{name}"
+        );
+    }
+    // The application logs in with what its Secret holds: verify-full against its ca.crt.
+    let app = ns.api::<Secret>().get("billing-app").await?;
+    let params = servicedb::postgres::ConnectParams {
+        ssl_mode: servicedb::postgres::SslMode::VerifyFull,
+        ca_pem: Some(secret_string(&app, "ca.crt")?.into_bytes()),
+        ..servicedb::postgres::ConnectParams::new(
+            secret_string(&app, "host")?,
+            secret_string(&app, "port")?.parse()?,
+            secret_string(&app, "username")?,
+            servicedb::postgres::Password::from_plaintext(secret_string(&app, "password")?),
+            secret_string(&app, "database")?,
+        )
+    };
+    let client = servicedb::postgres::connect(&params).await?;
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(ssl, "the application's session is not encrypted");
+
+    // A CA that did not sign the server's certificate: the operator refuses the server.
+    let other = servicedb::specs::tls::generate_ca("other", jiff::Timestamp::now())?;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "other-ca"}, "stringData": {"ca.crt": other.cert_pem}}),
+    )?;
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    create(
+        &ns,
+        json!({
+            "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+            "metadata": {"name": "ledger"},
+            "spec": {
+                "owner": {"service": "ledger"},
+                "instance": {"external": {
+                    "host": "127.0.0.1", "port": pg.port,
+                    "adminSecretRef": {"name": "pg-admin"},
+                    "caSecretRef": {"name": "other-ca"},
+                }},
+            }
+        }),
+    )
+    .await?;
+    // Ready=False because of the certificate (the connect attempt happened and failed on it).
+    let text = support::wait_until(
+        "ledger refused for its certificate",
+        support::TIMEOUT,
+        || {
+            let api = api.clone();
+            async move {
+                let sdb = api.get("ledger").await.ok()?;
+                let ready = sdb
+                    .status?
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready" && c.status == "False")?;
+                let text = format!("{} {}", ready.reason, ready.message).to_lowercase();
+                (text.contains("certificate") || text.contains("tls")).then_some(text)
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        pg.psql("SELECT count(*) FROM pg_database WHERE datname = 'ledger'")? == "0",
+        "a database was created on an unverified server: {text}"
+    );
     Ok(())
 }

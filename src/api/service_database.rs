@@ -189,8 +189,8 @@ pub struct ExternalInstance {
     pub port: i32,
 
     /// A Secret in this namespace with keys `username` and `password` of a role with CREATEDB
-    /// and CREATEROLE (not necessarily a superuser), and optionally `ca.crt` for
-    /// `verify-ca`/`verify-full`.
+    /// and CREATEROLE (not necessarily a superuser). Its optional key `ca.crt` is used as the
+    /// CA when `caSecretRef` is not set.
     pub admin_secret_ref: SecretRef,
 
     /// Database the admin connects to for CREATE DATABASE and CREATE ROLE.
@@ -198,9 +198,35 @@ pub struct ExternalInstance {
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
     pub admin_database: String,
 
-    /// TLS towards the server, with libpq's meaning.
-    #[serde(default)]
-    pub ssl_mode: SslMode,
+    /// TLS towards the server, with libpq's meaning. Default: `verify-full` when a CA is given
+    /// (`caSecretRef`, or a `ca.crt` key in the admin Secret), `require` otherwise. Where TLS is
+    /// used SCRAM channel binding is required (`require` and the `verify-*` modes), and no mode
+    /// answers a server asking for the password in cleartext or as MD5. `prefer` is accepted
+    /// for compatibility but is insecure: an attacker on the path can strip TLS. `require`
+    /// encrypts and binds the login to the TLS session but, without a CA, does not prove which
+    /// server answers. Applications get the same mode in their Secrets' `sslmode`, `uri` and
+    /// `jdbc-uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_mode: Option<SslMode>,
+
+    /// A Secret in this namespace holding the PEM of the CA that signed the server's
+    /// certificate (a private CA, or e.g. the AWS RDS bundle). The operator verifies the server
+    /// against it and copies it into the credential Secrets (`ca.crt`) so applications and
+    /// relays verify too. Without it, the admin Secret's `ca.crt` is used if present, else
+    /// `verify-ca`/`verify-full` trust the public web roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+}
+
+impl ExternalInstance {
+    /// The sslmode in force: the spec's, else `verify-full` when a CA is given, else `require`.
+    pub fn effective_ssl_mode(&self, ca_given: bool) -> SslMode {
+        match (self.ssl_mode, ca_given) {
+            (Some(mode), _) => mode,
+            (None, true) => SslMode::VerifyFull,
+            (None, false) => SslMode::Require,
+        }
+    }
 }
 
 /// A reference to a Secret in the same namespace.
@@ -215,23 +241,42 @@ pub struct SecretRef {
     pub name: String,
 }
 
+/// A key of a Secret in the same namespace holding a PEM CA bundle.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSecretRef {
+    /// Name of the Secret.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+
+    /// The key holding the PEM (one or more certificates). Default `ca.crt`.
+    #[serde(default = "default_ca_key")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(min = 1, max = 253))]
+    pub key: String,
+}
+
 /// libpq's `sslmode`.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
-    /// No TLS.
+    /// No TLS. Passwords are still sent only by SCRAM (never in cleartext or as MD5).
     #[serde(rename = "disable")]
     Disable,
-    /// TLS if the server offers it, without certificate verification.
+    /// Insecure, accepted for compatibility: TLS if the server offers it, without certificate
+    /// verification; an attacker on the path can remove it.
     #[serde(rename = "prefer")]
-    #[default]
     Prefer,
-    /// TLS required, without certificate verification.
+    /// TLS and SCRAM channel binding required; the certificate is not verified.
     #[serde(rename = "require")]
     Require,
-    /// TLS required, the certificate verified against the CA.
+    /// TLS and channel binding required; the certificate verified against the CA (not the
+    /// host name).
     #[serde(rename = "verify-ca")]
     VerifyCa,
-    /// TLS required, the certificate verified against the CA and the host name.
+    /// TLS and channel binding required; the certificate verified against the CA and the host
+    /// name.
     #[serde(rename = "verify-full")]
     VerifyFull,
 }
@@ -246,6 +291,24 @@ impl SslMode {
             SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
         }
+    }
+
+    /// Parses libpq's spelling (`PGSSLMODE`). `allow` (try without TLS first) is read as
+    /// `disable`.
+    pub fn from_libpq(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" | "allow" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether the server certificate is checked against a CA.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
     }
 }
 
@@ -476,6 +539,10 @@ fn admin_database_rule() -> Rule {
 
 fn default_port() -> i32 {
     5432
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_owned()
 }
 
 fn default_admin_database() -> String {

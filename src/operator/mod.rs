@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod outbox_relay;
 pub mod secret_guard;
 pub mod service_database;
+pub mod tls;
 pub mod validate;
 
 use std::sync::Arc;

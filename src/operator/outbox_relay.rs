@@ -198,6 +198,11 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         relay_secret: &relay_secret,
         image: &ctx.settings.relay_image,
         checksum: checksum(&config_yaml, secret.data.as_ref()),
+        ca: crate::specs::credentials::secret_value(
+            &secret,
+            crate::specs::credentials::CA_CERT_KEY,
+        )
+        .is_some_and(|v| !v.is_empty()),
     };
     let mut changed = Vec::new();
     if ctx

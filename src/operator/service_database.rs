@@ -36,11 +36,12 @@ use crate::postgres::{
 };
 use crate::specs::bootstrap;
 use crate::specs::credentials::{
-    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING, credential_secret,
+    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING, PASSWORD_REGENERATED, credential_secret,
     password_applied, secret_value, stored_password,
 };
 use crate::specs::instance::{self, InstanceParams, POSTGRES_PORT};
 use crate::specs::labels::{DatabaseNames, controller_ref};
+use crate::specs::tls::CertPair;
 
 /// Finalizer guarding cleanup outside the cluster (external databases) and Secret retention.
 pub const FINALIZER: &str = "servicedb.io/cleanup";
@@ -82,6 +83,9 @@ pub enum Error {
     /// The object has no namespace (never happens for a namespaced kind).
     #[error("object has no namespace")]
     NoNamespace,
+    /// The managed instance's CA or server certificate could not be made.
+    #[error("TLS: {0}")]
+    Tls(#[from] super::tls::Error),
     /// The spec cannot be acted on (reported as a condition, not retried).
     #[error("{message}")]
     Invalid {
@@ -104,6 +108,7 @@ impl super::Categorized for Error {
             Error::Slots(e) => e.category(),
             Error::Finalizer(_) => "FinalizerFailed",
             Error::NoNamespace => "NoNamespace",
+            Error::Tls(e) => e.category(),
             Error::Invalid { reason, .. } => reason,
         }
     }
@@ -250,6 +255,9 @@ struct RoleCredentials {
     bootstrap: bool,
     /// The Secret did not exist: its password was generated now.
     generated: bool,
+    /// The password replaces one whose Secret a person deleted (generated now while status
+    /// listed the Secret, or found in a Secret marked `regenerated`).
+    replaces_lost: bool,
 }
 
 async fn load_credentials(
@@ -278,6 +286,7 @@ async fn load_credentials(
                 applied: password_applied(secret),
                 bootstrap: credentials::password_state(secret) == Some(PASSWORD_BOOTSTRAP),
                 generated: false,
+                replaces_lost: credentials::password_state(secret) == Some(PASSWORD_REGENERATED),
             },
             None => RoleCredentials {
                 secret_name,
@@ -287,6 +296,7 @@ async fn load_credentials(
                 applied: false,
                 bootstrap: false,
                 generated: true,
+                replaces_lost: false,
             },
         },
     )
@@ -298,6 +308,8 @@ struct Target {
     endpoint: Endpoint,
     /// libpq sslmode applications should use.
     app_ssl_mode: String,
+    /// The CA applications verify the server against (`ca.crt` in their Secrets).
+    ca_pem: Option<String>,
     /// The operator's admin connection, when it can be made (external: admin Secret present).
     admin: Option<ConnectParams>,
 }
@@ -367,6 +379,12 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         );
     }
 
+    // A Secret status listed is gone: a person deleted it, and its new password says so in the
+    // Secret until applied (the Event may come from a later reconcile than this one).
+    for c in creds.iter_mut().filter(|c| c.generated) {
+        c.replaces_lost = was_recorded(sdb, c.purpose);
+    }
+
     // The instance and where to reach it.
     let (target, instance_ready, instance_text) =
         match (&sdb.spec.instance.managed, &sdb.spec.instance.external) {
@@ -389,6 +407,10 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     host: host.clone(),
                     port: POSTGRES_PORT,
                 };
+                // TLS first: the instance starts with ssl=on and the certificate mounted.
+                let ca = super::tls::namespace_ca(ctx, &ns).await?;
+                let server_cert =
+                    super::tls::server_certificate(ctx, &ns, &name, owner.clone(), &ca).await?;
                 let plan = plan_for(&desire, &creds, true);
                 // The bootstrap SQL is written once, with the first Secret: it only ever runs on an
                 // empty data directory, and rewriting it would change the Secret on every resync.
@@ -416,7 +438,8 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                         database: "postgres".to_owned(),
                         username: "postgres".to_owned(),
                         password: superuser.password.expose().to_owned(),
-                        ssl_mode: "prefer".to_owned(),
+                        ssl_mode: PgSslMode::VerifyFull.as_libpq().to_owned(),
+                        ca_pem: Some(ca.cert_pem.clone()),
                     },
                     PASSWORD_APPLIED,
                 );
@@ -428,16 +451,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                 // Relays drop their slots with this Secret when everything is deleted at once.
                 super::secret_guard::hold(ctx, &ns, &desire.names.superuser_secret(), &name)
                     .await?;
-                let admin = ConnectParams {
-                    connect_timeout: ctx.settings.connect_timeout,
-                    ..ConnectParams::new(
-                        host.clone(),
-                        POSTGRES_PORT as u16,
-                        "postgres",
-                        superuser.password.clone(),
-                        "postgres",
-                    )
-                };
+                let admin = managed_admin(ctx, host.clone(), superuser.password.clone(), &ca);
                 let spec_needs_logical = desire.logical_relay || sdb.spec.cdc.is_some();
                 let logical_decoding = spec_needs_logical
                     || logical_decoding_still_needed(
@@ -466,9 +480,12 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     config_checksum: String::new(),
                 };
                 let config_map = instance::config_map(&params);
+                // The certificate is in the checksum: Postgres reads it at start, so a renewed
+                // one restarts the pod (once every ~8 months; see specs::tls).
                 params.config_checksum = super::apply::desired_hash(&(
                     &config_map.data,
                     instance::server_settings(&params),
+                    &server_cert,
                 ))
                 .unwrap_or_default();
                 let mut changed = Vec::new();
@@ -508,7 +525,8 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                 (
                     Target {
                         endpoint,
-                        app_ssl_mode: "prefer".to_owned(),
+                        app_ssl_mode: PgSslMode::VerifyFull.as_libpq().to_owned(),
+                        ca_pem: Some(ca.cert_pem),
                         admin: Some(admin),
                     },
                     ready,
@@ -538,11 +556,18 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                             )
                             .await?;
                         }
-                        let ssl = external.ssl_mode.as_libpq().to_owned();
+                        let ssl = admin.ssl_mode.as_libpq().to_owned();
+                        // Applications verify against the same CA the operator does.
+                        let ca_pem = admin
+                            .ca_pem
+                            .as_ref()
+                            .filter(|_| admin.ssl_mode != PgSslMode::Disable)
+                            .map(|pem| String::from_utf8_lossy(pem).into_owned());
                         (
                             Target {
                                 endpoint,
                                 app_ssl_mode: ssl,
+                                ca_pem,
                                 admin: Some(admin),
                             },
                             true,
@@ -583,6 +608,7 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
         let state = match (c.applied, c.bootstrap) {
             (true, _) => PASSWORD_APPLIED,
             (false, true) => PASSWORD_BOOTSTRAP,
+            (false, false) if c.replaces_lost => PASSWORD_REGENERATED,
             (false, false) => PASSWORD_PENDING,
         };
         let secret = role_secret(&ns, &name, owner.clone(), &target, &database, c, state);
@@ -669,10 +695,9 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
                     .map(|t| t.to_string())
                     .collect();
                 for c in creds.iter_mut().filter(|c| !c.applied) {
-                    if !c.generated {
-                        // The Secret held a password the role did not have yet (an interrupted
-                        // run); nothing was lost.
-                    } else if was_recorded(sdb, c.purpose) {
+                    // A pending Secret that is not marked `regenerated` held a password the role
+                    // did not have yet (an interrupted first run): nothing was lost.
+                    if c.replaces_lost {
                         ctx.event(
                             sdb,
                             EventType::Warning,
@@ -815,6 +840,7 @@ fn role_secret(
             username: c.role.as_str().to_owned(),
             password: c.password.expose().to_owned(),
             ssl_mode: target.app_ssl_mode.clone(),
+            ca_pem: target.ca_pem.clone(),
         },
         state,
     )
@@ -889,17 +915,33 @@ async fn external_admin(
             "admin Secret {secret_name} needs the keys username and password"
         )));
     };
-    let ssl_mode = match external.ssl_mode {
-        crate::api::service_database::SslMode::Disable => PgSslMode::Disable,
-        crate::api::service_database::SslMode::Prefer => PgSslMode::Prefer,
-        crate::api::service_database::SslMode::Require => PgSslMode::Require,
-        crate::api::service_database::SslMode::VerifyCa => PgSslMode::VerifyCa,
-        crate::api::service_database::SslMode::VerifyFull => PgSslMode::VerifyFull,
+    // The CA: `caSecretRef` if set (it must exist), else the admin Secret's `ca.crt`.
+    let ca_pem = match &external.ca_secret_ref {
+        Some(r) => {
+            let Some(ca_secret) = secrets
+                .get_opt(&r.name)
+                .await
+                .map_err(|source| Error::Read {
+                    what: format!("Secret {}", r.name),
+                    source,
+                })?
+            else {
+                return Ok(Err(format!("CA Secret {} not found", r.name)));
+            };
+            match secret_value(&ca_secret, &r.key).filter(|v| !v.trim().is_empty()) {
+                Some(pem) => Some(pem),
+                None => {
+                    return Ok(Err(format!("CA Secret {} has no key {}", r.name, r.key)));
+                }
+            }
+        }
+        None => secret_value(&secret, credentials::CA_CERT_KEY).filter(|v| !v.trim().is_empty()),
     };
+    let ssl_mode = external.effective_ssl_mode(ca_pem.is_some());
     let port = u16::try_from(external.port).unwrap_or(5432);
     Ok(Ok(ConnectParams {
         ssl_mode,
-        ca_pem: secret_value(&secret, "ca.crt").map(String::into_bytes),
+        ca_pem: ca_pem.map(String::into_bytes),
         connect_timeout: ctx.settings.connect_timeout,
         ..ConnectParams::new(
             external.host.clone(),
@@ -1049,6 +1091,17 @@ async fn collect_orphaned_slots(
         }
     }
     ctx.metrics.set_leaked_slots(ns, &sdb.name_any(), leaked);
+}
+
+/// The operator's superuser connection to a managed instance: `verify-full` against the
+/// namespace CA, by the Service name the server certificate carries.
+fn managed_admin(ctx: &Context, host: String, password: Password, ca: &CertPair) -> ConnectParams {
+    ConnectParams {
+        ssl_mode: PgSslMode::VerifyFull,
+        ca_pem: Some(ca.cert_pem.clone().into_bytes()),
+        connect_timeout: ctx.settings.connect_timeout,
+        ..ConnectParams::new(host, POSTGRES_PORT as u16, "postgres", password, "postgres")
+    }
 }
 
 /// Whether the managed instance's pod reports Ready.
@@ -1340,17 +1393,19 @@ pub async fn admin_connection(
                     what: "superuser Secret".to_owned(),
                     source,
                 })?;
+            let Some(ca) = super::tls::read_namespace_ca(ctx, &ns).await? else {
+                return Ok(Err(format!(
+                    "the namespace CA Secret {} is missing",
+                    crate::specs::tls::CA_SECRET
+                )));
+            };
             Ok(match secret.as_ref().and_then(stored_password) {
-                Some(password) => Ok(ConnectParams {
-                    connect_timeout: ctx.settings.connect_timeout,
-                    ..ConnectParams::new(
-                        format!("{}.{ns}.svc", names.instance()),
-                        POSTGRES_PORT as u16,
-                        "postgres",
-                        Password::from_plaintext(password),
-                        "postgres",
-                    )
-                }),
+                Some(password) => Ok(managed_admin(
+                    ctx,
+                    format!("{}.{ns}.svc", names.instance()),
+                    Password::from_plaintext(password),
+                    &ca,
+                )),
                 None => Err(format!(
                     "superuser Secret {} not found",
                     names.superuser_secret()

@@ -496,24 +496,24 @@ pub fn check_nats_subject(subject: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `PGSSLMODE` values the relay understands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyFull,
-}
+/// `PGSSLMODE` values: libpq's, with the operator's meaning (`crate::postgres::connect`).
+pub use crate::api::service_database::SslMode;
 
 /// Connection settings from libpq's environment variables. `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PgEnv {
     pub host: String,
+    /// `PGHOSTADDR`: connect here instead of resolving `host` (which still names the server
+    /// for `verify-full`).
+    pub hostaddr: Option<std::net::IpAddr>,
     pub port: u16,
     pub database: String,
     pub user: String,
     pub password: Option<String>,
     pub sslmode: SslMode,
+    /// `PGSSLROOTCERT`: a PEM file of the CA for `verify-ca`/`verify-full`. `None` (or the
+    /// libpq 16 value `system`) means the public web roots.
+    pub sslrootcert: Option<std::path::PathBuf>,
     pub application_name: String,
 }
 
@@ -526,13 +526,14 @@ impl std::fmt::Debug for PgEnv {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .finish()
     }
 }
 
 impl PgEnv {
-    /// Reads `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE`,
-    /// `PGAPPNAME` from the process environment with libpq's defaults.
+    /// Reads `PGHOST`, `PGHOSTADDR`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
+    /// `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME` from the process environment with libpq's defaults.
     pub fn from_env() -> Result<Self, ConfigError> {
         let vars: BTreeMap<String, String> = std::env::vars().collect();
         Self::from_map(&vars)
@@ -556,27 +557,35 @@ impl PgEnv {
                 reason: "is not set (and neither is USER)".into(),
             })?;
         let database = get("PGDATABASE").unwrap_or_else(|| user.clone());
-        let sslmode = match get("PGSSLMODE").as_deref() {
-            None | Some("prefer") => SslMode::Prefer,
-            Some("disable") | Some("allow") => SslMode::Disable,
-            Some("require") => SslMode::Require,
-            Some("verify-full") | Some("verify-ca") => SslMode::VerifyFull,
-            Some(other) => {
-                return Err(ConfigError::Env {
-                    name: "PGSSLMODE",
-                    reason: format!(
-                        "{other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                    ),
-                });
-            }
+        // libpq's default is `prefer`; the operator's Deployments always set PGSSLMODE.
+        let sslmode = match get("PGSSLMODE") {
+            None => SslMode::Prefer,
+            Some(m) => SslMode::from_libpq(&m).ok_or_else(|| ConfigError::Env {
+                name: "PGSSLMODE",
+                reason: format!(
+                    "{m:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ),
+            })?,
         };
+        let hostaddr = match get("PGHOSTADDR") {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| ConfigError::Env {
+                name: "PGHOSTADDR",
+                reason: format!("{a:?} is not an IP address"),
+            })?),
+        };
+        let sslrootcert = get("PGSSLROOTCERT")
+            .filter(|p| p != "system")
+            .map(std::path::PathBuf::from);
         Ok(Self {
             host,
+            hostaddr,
             port,
             database,
             user,
             password: get("PGPASSWORD"),
             sslmode,
+            sslrootcert,
             application_name: get("PGAPPNAME").unwrap_or_else(|| "servicedb-relay".to_owned()),
         })
     }
@@ -744,6 +753,19 @@ mod tests {
                 .to_string()
                 .contains("PGSSLMODE")
         );
+        m.insert("PGSSLMODE".to_owned(), "verify-ca".to_owned());
+        m.insert(
+            "PGSSLROOTCERT".to_owned(),
+            "/etc/servicedb-ca/ca.crt".to_owned(),
+        );
+        let env = PgEnv::from_map(&m).unwrap();
+        assert_eq!(env.sslmode, SslMode::VerifyCa);
+        assert_eq!(
+            env.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/servicedb-ca/ca.crt"))
+        );
+        m.insert("PGSSLROOTCERT".to_owned(), "system".to_owned());
+        assert_eq!(PgEnv::from_map(&m).unwrap().sslrootcert, None);
         m.insert("PGSSLMODE".to_owned(), "require".to_owned());
         m.insert("PGPORT".to_owned(), "x".to_owned());
         assert!(

@@ -3,6 +3,14 @@
 //! The keys follow the servicebinding.io PostgreSQL convention (`type`, `provider`, `host`,
 //! `port`, `database`, `username`, `password`) plus the keys CloudNativePG's `-app` Secret has
 //! (`dbname`, `user`, `uri`, `jdbc-uri`, `pgpass`), so either kind of consumer works unchanged.
+//!
+//! When the server's certificate is verified against a CA (a managed instance's namespace CA,
+//! or an external server's `caSecretRef`/admin `ca.crt`), the Secret carries it: `ca.crt` is the
+//! PEM, and `sslrootcert` is the name of that file inside the Secret (`ca.crt`). With the Secret
+//! mounted as a directory (servicebinding.io: `$SERVICE_BINDING_ROOT/<binding>/`), the CA is the
+//! `ca.crt` file beside it, which is what binding libraries resolve `sslrootcert` against; a libpq
+//! client sets `sslrootcert`/`PGSSLROOTCERT` to that file's path. `sslmode` in `uri` and
+//! `jdbc-uri` is the mode in force.
 
 use std::collections::BTreeMap;
 
@@ -22,12 +30,21 @@ pub const PASSWORD_PENDING: &str = "pending";
 /// Value of [`PASSWORD_STATE_ANNOTATION`] while the password waits in a managed instance's
 /// bootstrap SQL for its first start.
 pub const PASSWORD_BOOTSTRAP: &str = "bootstrap";
+/// Value of [`PASSWORD_STATE_ANNOTATION`] before the role has a password that was generated
+/// because a person deleted the Secret: kept in the Secret (not only in memory) so the
+/// `CredentialsRegenerated` Event is still emitted when the password is applied by a later
+/// reconcile than the one that generated it.
+pub const PASSWORD_REGENERATED: &str = "regenerated";
 /// Value of [`PASSWORD_STATE_ANNOTATION`] once the role has the password.
 pub const PASSWORD_APPLIED: &str = "applied";
 /// The key holding the password in every credential Secret.
 pub const PASSWORD_KEY: &str = "password";
 /// The key holding the user name in every credential Secret.
 pub const USERNAME_KEY: &str = "username";
+/// The key holding the CA's PEM, when there is one.
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// The key naming the CA file relative to the Secret's mount directory.
+pub const SSLROOTCERT_KEY: &str = "sslrootcert";
 
 /// What a credential Secret describes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +61,8 @@ pub struct Credentials {
     pub password: String,
     /// libpq sslmode clients should use.
     pub ssl_mode: String,
+    /// PEM of the CA that verifies the server, if clients should verify against a private CA.
+    pub ca_pem: Option<String>,
 }
 
 /// A credential Secret named `name` for `creds`.
@@ -71,6 +90,7 @@ pub fn credential_secret(
         username,
         password,
         ssl_mode,
+        ca_pem,
     } = creds;
     // Generated passwords are alphanumeric; user and database names match ^[a-z_][a-z0-9_]*$.
     // Nothing here needs percent-encoding, which keeps the URIs readable.
@@ -80,7 +100,7 @@ pub fn credential_secret(
         "jdbc:postgresql://{host}:{port}/{database}?user={username}&password={password}&sslmode={ssl_mode}"
     );
     let pgpass = format!("{host}:{port}:{database}:{username}:{password}\n");
-    let data = BTreeMap::from([
+    let mut data = BTreeMap::from([
         ("type".to_owned(), "postgresql".to_owned()),
         ("provider".to_owned(), "servicedb".to_owned()),
         ("host".to_owned(), host.clone()),
@@ -95,6 +115,10 @@ pub fn credential_secret(
         ("jdbc-uri".to_owned(), jdbc_uri),
         ("pgpass".to_owned(), pgpass),
     ]);
+    if let Some(ca) = ca_pem {
+        data.insert(CA_CERT_KEY.to_owned(), ca.clone());
+        data.insert(SSLROOTCERT_KEY.to_owned(), CA_CERT_KEY.to_owned());
+    }
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -163,6 +187,7 @@ mod tests {
             username: "orders".into(),
             password: "s3cr3t".into(),
             ssl_mode: "require".into(),
+            ca_pem: None,
         }
     }
 
@@ -202,5 +227,38 @@ mod tests {
         assert_eq!(s.type_.as_deref(), Some("servicebinding.io/postgresql"));
         assert!(password_applied(&s));
         assert_eq!(stored_password(&s).as_deref(), Some("s3cr3t"));
+        assert!(!d.contains_key(CA_CERT_KEY) && !d.contains_key(SSLROOTCERT_KEY));
+    }
+
+    #[test]
+    fn a_verified_server_puts_the_ca_and_the_mode_in_the_secret() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let c = Credentials {
+            ssl_mode: "verify-full".into(),
+            ca_pem: Some(pem.into()),
+            ..creds()
+        };
+        let s = credential_secret(
+            "orders-app",
+            "shop",
+            "orders",
+            "app",
+            None,
+            &c,
+            PASSWORD_APPLIED,
+        );
+        assert_eq!(secret_value(&s, CA_CERT_KEY).as_deref(), Some(pem));
+        assert_eq!(secret_value(&s, SSLROOTCERT_KEY).as_deref(), Some("ca.crt"));
+        assert_eq!(secret_value(&s, "sslmode").as_deref(), Some("verify-full"));
+        assert!(
+            secret_value(&s, "uri")
+                .unwrap()
+                .ends_with("?sslmode=verify-full")
+        );
+        assert!(
+            secret_value(&s, "jdbc-uri")
+                .unwrap()
+                .ends_with("&sslmode=verify-full")
+        );
     }
 }

@@ -41,6 +41,12 @@ pub const CDC_ACCESS_LABEL: &str = "servicedb.io/cdc-access";
 pub const BOOTSTRAP_KEY: &str = "bootstrap.sql";
 /// Where the data volume is mounted; PGDATA is a subdirectory so `lost+found` never bothers initdb.
 const DATA_MOUNT: &str = "/var/lib/postgresql/data";
+/// Where the server certificate Secret (`<name>-db-tls`) is mounted.
+pub const TLS_MOUNT: &str = "/etc/servicedb-tls";
+/// Mode of the mounted certificate files. The kubelet writes Secret files as root and, with the
+/// pod's `fsGroup` (999), makes them group-owned by it: `root:999 0640`, which Postgres accepts
+/// for a key (owned by root, not world-readable) and can read through the group.
+pub const TLS_FILE_MODE: i32 = 0o640;
 
 /// Everything the instance builders need, already validated.
 #[derive(Clone, Debug)]
@@ -85,18 +91,19 @@ pub fn image(managed: &ManagedInstance) -> String {
         .unwrap_or_else(|| format!("postgres:{}", managed.version))
 }
 
-/// `pg_hba.conf`: scram-sha-256 over TCP for everyone (the NetworkPolicy decides who reaches
-/// the port), local socket trust only for the entrypoint's bootstrap.
+/// `pg_hba.conf`: TLS and scram-sha-256 over TCP for everyone (`hostssl`: a plaintext TCP
+/// connection matches no line and is refused; the NetworkPolicy decides who reaches the port),
+/// local socket trust only for the entrypoint's bootstrap.
 pub fn pg_hba_conf() -> String {
     [
         "# Managed by servicedb-operator.",
         "local   all             all                                     trust",
-        "host    all             all             127.0.0.1/32            scram-sha-256",
-        "host    all             all             ::1/128                 scram-sha-256",
-        "host    all             all             0.0.0.0/0               scram-sha-256",
-        "host    all             all             ::/0                    scram-sha-256",
-        "host    replication     all             0.0.0.0/0               scram-sha-256",
-        "host    replication     all             ::/0                    scram-sha-256",
+        "hostssl all             all             127.0.0.1/32            scram-sha-256",
+        "hostssl all             all             ::1/128                 scram-sha-256",
+        "hostssl all             all             0.0.0.0/0               scram-sha-256",
+        "hostssl all             all             ::/0                    scram-sha-256",
+        "hostssl replication     all             0.0.0.0/0               scram-sha-256",
+        "hostssl replication     all             ::/0                    scram-sha-256",
         "",
     ]
     .join("\n")
@@ -117,6 +124,11 @@ pub fn server_settings(p: &InstanceParams<'_>) -> Vec<(String, String)> {
     ));
     settings.push(("password_encryption".to_owned(), "scram-sha-256".to_owned()));
     settings.push(("listen_addresses".to_owned(), "*".to_owned()));
+    // TLS with the certificate the operator issues (specs::tls); TLS 1.0/1.1 are refused.
+    settings.push(("ssl".to_owned(), "on".to_owned()));
+    settings.push(("ssl_cert_file".to_owned(), format!("{TLS_MOUNT}/tls.crt")));
+    settings.push(("ssl_key_file".to_owned(), format!("{TLS_MOUNT}/tls.key")));
+    settings.push(("ssl_min_protocol_version".to_owned(), "TLSv1.2".to_owned()));
     if p.logical_decoding {
         settings.push(("wal_level".to_owned(), "logical".to_owned()));
         // A relay or connector that stops consuming must never fill the disk with WAL.
@@ -258,6 +270,7 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
             pod::mount("data", DATA_MOUNT, false),
             pod::mount("config", "/etc/servicedb", true),
             pod::mount("bootstrap", "/docker-entrypoint-initdb.d", true),
+            pod::mount("tls", TLS_MOUNT, true),
             // The read-only root filesystem needs writable socket and scratch directories.
             pod::mount("run", "/var/run/postgresql", false),
             pod::mount("tmp", "/tmp", false),
@@ -283,6 +296,24 @@ pub fn stateful_set(p: &InstanceParams<'_>) -> StatefulSet {
                     ..Default::default()
                 }]),
                 default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tls".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.tls_secret()),
+                items: Some(
+                    ["tls.crt", "tls.key"]
+                        .map(|k| k8s_openapi::api::core::v1::KeyToPath {
+                            key: k.to_owned(),
+                            path: k.to_owned(),
+                            ..Default::default()
+                        })
+                        .to_vec(),
+                ),
+                default_mode: Some(TLS_FILE_MODE),
                 ..SecretVolumeSource::default()
             }),
             ..Volume::default()

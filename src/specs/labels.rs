@@ -70,6 +70,10 @@ impl DatabaseNames {
     pub fn config_map(&self) -> String {
         format!("{}-db-config", self.base)
     }
+    /// The server certificate Secret of a managed instance (`kubernetes.io/tls`).
+    pub fn tls_secret(&self) -> String {
+        format!("{}-db-tls", self.base)
+    }
     /// The superuser Secret of a managed instance.
     pub fn superuser_secret(&self) -> String {
         format!("{}-superuser", self.base)

@@ -6,3 +6,4 @@ pub mod instance;
 pub mod labels;
 pub mod pod;
 pub mod relay;
+pub mod tls;

@@ -27,6 +27,8 @@ pub const METRICS_PORT: i32 = 9090;
 pub const RELAY_UID: i64 = 65532;
 /// The pod annotation whose change rolls the relay pods.
 pub const CHECKSUM_ANNOTATION: &str = "servicedb.io/config-checksum";
+/// Where the `-relay` Secret's `ca.crt` is mounted (read-only) when it has one.
+pub const CA_DIR: &str = "/etc/servicedb-ca";
 /// libpq environment variables and the credential Secret keys they come from.
 pub const PG_ENV: [(&str, &str); 6] = [
     ("PGHOST", "host"),
@@ -133,6 +135,8 @@ pub struct RelayParams<'a> {
     pub image: &'a str,
     /// Checksum of the config file and the Secret's contents: a change rolls the pods.
     pub checksum: String,
+    /// The relay Secret carries `ca.crt`: mount it and point `PGSSLROOTCERT` at it.
+    pub ca: bool,
 }
 
 fn meta(name: String, p: &RelayParams<'_>) -> ObjectMeta {
@@ -201,7 +205,45 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
             value: Some("info".to_owned()),
             ..EnvVar::default()
         }])
+        .chain(p.ca.then(|| EnvVar {
+            name: "PGSSLROOTCERT".to_owned(),
+            value: Some(format!("{CA_DIR}/{}", super::credentials::CA_CERT_KEY)),
+            ..EnvVar::default()
+        }))
         .collect();
+    let mut mounts = vec![
+        pod::mount("config", CONFIG_DIR, true),
+        pod::mount("tmp", "/tmp", false),
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config_map(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        pod::empty_dir("tmp"),
+    ];
+    if p.ca {
+        mounts.push(pod::mount("ca", CA_DIR, true));
+        volumes.push(Volume {
+            name: "ca".to_owned(),
+            // Only the CA: the password stays in the environment, never in a file.
+            secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+                secret_name: Some(p.relay_secret.to_owned()),
+                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                    key: super::credentials::CA_CERT_KEY.to_owned(),
+                    path: super::credentials::CA_CERT_KEY.to_owned(),
+                    ..Default::default()
+                }]),
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let container = Container {
         name: "relay".to_owned(),
         image: Some(p.image.to_owned()),
@@ -220,10 +262,7 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         security_context: Some(pod::restricted_container(RELAY_UID)),
-        volume_mounts: Some(vec![
-            pod::mount("config", CONFIG_DIR, true),
-            pod::mount("tmp", "/tmp", false),
-        ]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     Deployment {
@@ -250,17 +289,7 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(30),
                     security_context: Some(pod::restricted_pod(None)),
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".to_owned(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: names.config_map(),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        pod::empty_dir("tmp"),
-                    ]),
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -273,6 +302,67 @@ pub fn deployment(p: &RelayParams<'_>) -> Deployment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec() -> OutboxRelaySpec {
+        serde_json::from_value(serde_json::json!({
+            "databaseRef": {"name": "orders"},
+            "sink": {"kafka": {"bootstrapServers": "k:9092"}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_relay_secret_with_a_ca_is_mounted_read_only_and_named_by_pgsslrootcert() {
+        let spec = spec();
+        let mut p = RelayParams {
+            name: "orders-events",
+            namespace: "shop",
+            owner: None,
+            spec: &spec,
+            database: "orders",
+            relay_secret: "orders-relay",
+            image: "servicedb:dev",
+            checksum: "x".into(),
+            ca: true,
+        };
+        let d = deployment(&p);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        let env = c.env.clone().unwrap();
+        let root = env.iter().find(|e| e.name == "PGSSLROOTCERT").unwrap();
+        assert_eq!(root.value.as_deref(), Some("/etc/servicedb-ca/ca.crt"));
+        assert!(env.iter().any(|e| e.name == "PGSSLMODE"));
+        let m = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == CA_DIR)
+            .unwrap();
+        assert_eq!(m.read_only, Some(true));
+        let v = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == m.name)
+            .unwrap();
+        let secret = v.secret.unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("orders-relay"));
+        let items = secret.items.unwrap();
+        assert_eq!(items.len(), 1, "only ca.crt, never the password");
+        assert_eq!(items[0].key, "ca.crt");
+
+        p.ca = false;
+        let d = deployment(&p);
+        let c = &d.spec.unwrap().template.spec.unwrap().containers[0];
+        assert!(
+            !c.env
+                .clone()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "PGSSLROOTCERT")
+        );
+    }
 
     #[test]
     fn slot_names_are_short_lowercase_and_distinct_per_namespace() {

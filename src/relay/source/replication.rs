@@ -7,6 +7,7 @@ use bytes::Bytes;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 
 use super::super::config::{PgEnv, SslMode};
+use pgwire_replication::SslMode as WireMode;
 
 /// A replication stream error.
 #[derive(Debug, thiserror::Error)]
@@ -56,17 +57,14 @@ fn slot_busy(msg: &str) -> bool {
 impl PgwireStream {
     /// Connects and starts streaming from the slot's confirmed position.
     pub async fn start(env: &PgEnv, slot: &str, publication: &str) -> Result<Self, ReplError> {
-        let tls = match env.sslmode {
-            SslMode::Disable => TlsConfig::disabled(),
-            SslMode::Prefer => TlsConfig {
-                mode: pgwire_replication::SslMode::Prefer,
-                ..TlsConfig::disabled()
-            },
-            SslMode::Require => TlsConfig::require(),
-            SslMode::VerifyFull => TlsConfig::verify_full(None),
-        };
+        let tls = replication_tls(env);
+        // PGHOSTADDR: dial the address, verify (SNI) against the host name.
+        let dial = env
+            .hostaddr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| env.host.clone());
         let cfg = ReplicationConfig::new(
-            env.host.clone(),
+            dial,
             env.user.clone(),
             env.password.clone().unwrap_or_default(),
             env.database.clone(),
@@ -88,6 +86,31 @@ impl PgwireStream {
             .map_err(|e| classify(e.to_string()))?;
         Ok(Self { client })
     }
+}
+
+/// The replication connection's TLS settings for the relay's libpq settings.
+///
+/// pgwire-replication has its own TLS and authentication code (it takes no stream from us), so
+/// it cannot share [`crate::postgres::connect`]: it verifies like libpq (same modes, the same
+/// `PGSSLROOTCERT`), refuses MD5 (built without that feature), but neither binds SCRAM to the
+/// TLS channel nor refuses a cleartext password request. Use `verify-full` with Logical relays;
+/// docs/relay.md says so.
+fn replication_tls(env: &PgEnv) -> TlsConfig {
+    let ca = env.sslrootcert.clone();
+    let mut tls = match env.sslmode {
+        SslMode::Disable => TlsConfig::disabled(),
+        SslMode::Prefer => TlsConfig {
+            mode: WireMode::Prefer,
+            ..TlsConfig::disabled()
+        },
+        SslMode::Require => TlsConfig::require(),
+        SslMode::VerifyCa => TlsConfig::verify_ca(ca),
+        SslMode::VerifyFull => TlsConfig::verify_full(ca),
+    };
+    if env.hostaddr.is_some() {
+        tls = tls.with_sni_hostname(env.host.clone());
+    }
+    tls
 }
 
 fn classify(msg: String) -> ReplError {
