@@ -1126,6 +1126,8 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
             );
         }
     }
+    Ok(())
+}
 
 #[tokio::test]
 async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_the_ca() -> Result<()>

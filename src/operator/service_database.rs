@@ -36,8 +36,8 @@ use crate::postgres::{
 };
 use crate::specs::bootstrap;
 use crate::specs::credentials::{
-    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING, PASSWORD_REGENERATED, credential_secret,
-    password_applied, secret_value, stored_password,
+    self, Credentials, PASSWORD_APPLIED, PASSWORD_BOOTSTRAP, PASSWORD_PENDING,
+    PASSWORD_REGENERATED, credential_secret, password_applied, secret_value, stored_password,
 };
 use crate::specs::instance::{self, InstanceParams, POSTGRES_PORT};
 use crate::specs::labels::{DatabaseNames, controller_ref};

@@ -33,6 +33,9 @@ pub enum ConnectFailure {
     TlsConfig,
     /// The login was refused (wrong password, no such role, pg_hba).
     Authentication,
+    /// The server asked for cleartext or MD5, or skipped channel binding where it is required:
+    /// refused by the client before anything secret was sent.
+    InsecureAuthentication,
     /// The database does not exist.
     NoDatabase,
     /// The role may not connect to the database.
@@ -179,6 +182,10 @@ impl ConnectFailure {
                 "authentication failed (wrong user or password, or pg_hba.conf refused the login)"
                     .to_owned()
             }
+            ConnectFailure::InsecureAuthentication => {
+                "refused the server's authentication method (cleartext, MD5 or no channel binding); no password was sent"
+                    .to_owned()
+            }
             ConnectFailure::NoDatabase => format!("database {dbname} does not exist"),
             ConnectFailure::Permission => {
                 format!("permission denied: the role may not connect to database {dbname}")
@@ -204,6 +211,9 @@ impl ConnectError {
         if let ConnectError::CaCertificate { .. } | ConnectError::TlsConfig(_) = self {
             return ConnectFailure::TlsConfig;
         }
+        if let ConnectError::InsecureAuthentication { .. } = self {
+            return ConnectFailure::InsecureAuthentication;
+        }
         Evidence::of(self).failure()
     }
 
@@ -219,6 +229,8 @@ impl ConnectError {
                 ..
             } => (format!("{host}:{port} as {user}"), dbname.as_str()),
             ConnectError::Unreachable { host, port, .. }
+            | ConnectError::Socket { host, port, .. }
+            | ConnectError::InsecureAuthentication { host, port, .. }
             | ConnectError::Timeout { host, port, .. } => (format!("{host}:{port}"), ""),
             _ => (String::new(), ""),
         };
