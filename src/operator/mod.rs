@@ -1,5 +1,6 @@
 //! The controllers: shared context, start-up checks, and the run loop for both kinds (Kubernetes I/O).
 
+pub mod admin;
 pub mod apply;
 pub mod conditions;
 pub mod guard_rails;
@@ -27,6 +28,9 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{OutboxRelay, ServiceDatabase};
+
+/// Annotation that lets a ServiceDatabase (or OutboxRelay) go without cleanup.
+pub const SKIP_CLEANUP_ANNOTATION: &str = "servicedb.io/skip-cleanup";
 
 /// Settings of the operator process.
 #[derive(Clone, Debug)]
@@ -305,50 +309,13 @@ pub async fn run(
     let config = kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency);
 
     let ns = ctx.settings.watch_namespace.as_deref();
-    let sdb_api: Api<ServiceDatabase> = scoped(&client, ns);
-    let relays_for_sdb: Api<OutboxRelay> = scoped(&client, ns);
-    let sdb_controller = Controller::new(sdb_api, watcher::Config::default().any_semantic())
-        .with_config(config.clone())
-        .owns(scoped::<PartialObjectMeta<Secret>>(&client, ns), children())
-        .owns(
-            scoped::<PartialObjectMeta<StatefulSet>>(&client, ns),
-            children(),
-        )
-        .owns(
-            scoped::<PartialObjectMeta<Service>>(&client, ns),
-            children(),
-        )
-        .owns(
-            scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
-            children(),
-        )
-        .owns(
-            scoped::<PartialObjectMeta<NetworkPolicy>>(&client, ns),
-            children(),
-        )
-        // A Logical relay needs REPLICATION and a publication: re-reconcile its database.
-        .watches(
-            relays_for_sdb,
-            watcher::Config::default(),
-            |relay: OutboxRelay| {
-                relay.namespace().map(|ns| {
-                    kube::runtime::reflector::ObjectRef::new(&relay.spec.database_ref.name)
-                        .within(&ns)
-                })
-            },
-        )
-        .graceful_shutdown_on(signal(stop_rx.clone()))
-        .run(
-            service_database::reconcile,
-            service_database::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "ServiceDatabase reconcile failed");
-            }
-        });
-
+    let sdb_controller = service_database_controller(
+        &client,
+        ns,
+        config.clone(),
+        ctx.clone(),
+        signal(stop_rx.clone()),
+    );
     // A second watch on OutboxRelays feeds a store that maps a changed ServiceDatabase to the
     // relays that reference it (a ServiceDatabase has no ownerReference to its relays).
     let (relay_reader, relay_writer) = reflector::store::<OutboxRelay>();
@@ -361,41 +328,14 @@ pub async fn run(
     )
     .default_backoff()
     .for_each(|_| futures::future::ready(()));
-
-    let relay_api: Api<OutboxRelay> = scoped(&client, ns);
-    let sdb_for_relays: Api<ServiceDatabase> = scoped(&client, ns);
-    let relay_controller = Controller::new(relay_api, watcher::Config::default().any_semantic())
-        .with_config(config)
-        .owns(
-            scoped::<PartialObjectMeta<Deployment>>(&client, ns),
-            children(),
-        )
-        .owns(
-            scoped::<PartialObjectMeta<ConfigMap>>(&client, ns),
-            children(),
-        )
-        .owns(
-            scoped::<PartialObjectMeta<ServiceAccount>>(&client, ns),
-            children(),
-        )
-        .watches(
-            sdb_for_relays,
-            watcher::Config::default(),
-            move |sdb: ServiceDatabase| {
-                outbox_relay::relays_of_database(&relay_reader.state(), &sdb)
-            },
-        )
-        .graceful_shutdown_on(signal(stop_rx))
-        .run(
-            outbox_relay::reconcile,
-            outbox_relay::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "OutboxRelay reconcile failed");
-            }
-        });
+    let relay_controller = outbox_relay_controller(
+        &client,
+        ns,
+        config,
+        ctx.clone(),
+        relay_reader,
+        signal(stop_rx),
+    );
 
     info!("controllers started");
     tokio::select! {
@@ -403,4 +343,89 @@ pub async fn run(
         _ = relay_index => {}
     }
     info!("controllers stopped");
+}
+
+/// The ServiceDatabase controller: its children, and its relays (a Logical relay needs
+/// REPLICATION and a publication, so a relay change re-reconciles its database).
+fn service_database_controller(
+    client: &Client,
+    ns: Option<&str>,
+    config: kube::runtime::controller::Config,
+    ctx: Arc<Context>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> impl std::future::Future<Output = ()> {
+    let sdb_api: Api<ServiceDatabase> = scoped(client, ns);
+    let relays: Api<OutboxRelay> = scoped(client, ns);
+    Controller::new(sdb_api, watcher::Config::default().any_semantic())
+        .with_config(config)
+        .owns(scoped::<PartialObjectMeta<Secret>>(client, ns), children())
+        .owns(
+            scoped::<PartialObjectMeta<StatefulSet>>(client, ns),
+            children(),
+        )
+        .owns(scoped::<PartialObjectMeta<Service>>(client, ns), children())
+        .owns(
+            scoped::<PartialObjectMeta<ConfigMap>>(client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<NetworkPolicy>>(client, ns),
+            children(),
+        )
+        .watches(relays, watcher::Config::default(), |relay: OutboxRelay| {
+            relay.namespace().map(|ns| {
+                kube::runtime::reflector::ObjectRef::new(&relay.spec.database_ref.name).within(&ns)
+            })
+        })
+        .graceful_shutdown_on(stop)
+        .run(
+            service_database::reconcile,
+            service_database::error_policy,
+            ctx,
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "ServiceDatabase reconcile failed");
+            }
+        })
+}
+
+/// The OutboxRelay controller: its children, and the ServiceDatabases they publish (looked up
+/// in `relays`, a store of every OutboxRelay).
+fn outbox_relay_controller(
+    client: &Client,
+    ns: Option<&str>,
+    config: kube::runtime::controller::Config,
+    ctx: Arc<Context>,
+    relays: reflector::Store<OutboxRelay>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> impl std::future::Future<Output = ()> {
+    let relay_api: Api<OutboxRelay> = scoped(client, ns);
+    let sdbs: Api<ServiceDatabase> = scoped(client, ns);
+    Controller::new(relay_api, watcher::Config::default().any_semantic())
+        .with_config(config)
+        .owns(
+            scoped::<PartialObjectMeta<Deployment>>(client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<ConfigMap>>(client, ns),
+            children(),
+        )
+        .owns(
+            scoped::<PartialObjectMeta<ServiceAccount>>(client, ns),
+            children(),
+        )
+        .watches(
+            sdbs,
+            watcher::Config::default(),
+            move |sdb: ServiceDatabase| outbox_relay::relays_of_database(&relays.state(), &sdb),
+        )
+        .graceful_shutdown_on(stop)
+        .run(outbox_relay::reconcile, outbox_relay::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "OutboxRelay reconcile failed");
+            }
+        })
 }

@@ -18,9 +18,10 @@ use sha2::{Digest, Sha256};
 use tracing::instrument;
 
 use super::Context;
+use super::SKIP_CLEANUP_ANNOTATION;
+use super::admin::{AdminError, admin_connection};
 use super::apply::{ApplyError, Outcome};
 use super::conditions::{self, Desired};
-use super::service_database::{SKIP_CLEANUP_ANNOTATION, admin_connection};
 use crate::api::outbox_relay::{OutboxRelayStatus, RelayMode};
 use crate::api::{OutboxRelay, ServiceDatabase};
 use crate::specs::labels::{DatabaseNames, MANAGER, controller_ref};
@@ -57,9 +58,9 @@ pub enum Error {
         /// Why.
         message: String,
     },
-    /// Looking up the database connection failed.
+    /// Reading what the database's admin connection needs failed.
     #[error(transparent)]
-    Database(#[from] Box<super::service_database::Error>),
+    Admin(#[from] AdminError),
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -76,7 +77,7 @@ impl super::Categorized for Error {
             Error::Render(_) => "RenderFailed",
             Error::Status(_) => "StatusFailed",
             Error::SlotNotDropped { .. } => "DropSlotFailed",
-            Error::Database(e) => e.category(),
+            Error::Admin(e) => e.category(),
             Error::Finalizer(_) => "FinalizerFailed",
             Error::NoNamespace => "NoNamespace",
         }
@@ -118,72 +119,125 @@ pub fn error_policy(relay: Arc<OutboxRelay>, err: &Error, ctx: Arc<Context>) -> 
     super::retry_with_backoff(relay.as_ref(), err, &ctx)
 }
 
+/// What a relay needs from its ServiceDatabase, or why it has to wait for it.
+enum Resolution {
+    /// The database, its outbox and the relay Secret exist.
+    Ready {
+        /// The ServiceDatabase.
+        sdb: Box<ServiceDatabase>,
+        /// The relay role's credentials Secret.
+        secret: Box<Secret>,
+    },
+    /// Something the relay needs is not there yet.
+    Waiting {
+        /// CamelCase reason.
+        reason: &'static str,
+        /// What is missing.
+        message: String,
+    },
+}
+
+/// The pipeline: resolve the database → apply the children → status from the Deployment.
 async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
     let ns = relay.namespace().ok_or(Error::NoNamespace)?;
-    let name = relay.name_any();
+    let (sdb, secret) = match resolve(relay, ctx, &ns).await? {
+        Resolution::Ready { sdb, secret } => (sdb, secret),
+        Resolution::Waiting { reason, message } => {
+            ctx.event(
+                relay,
+                EventType::Warning,
+                reason,
+                "Resolve",
+                message.clone(),
+            )
+            .await;
+            let conds = vec![
+                Desired::fail("Ready", reason, message.clone()),
+                Desired::fail("DatabaseReady", reason, message),
+            ];
+            write_status(ctx, relay, None, conds).await?;
+            // The ServiceDatabase watch wakes this relay when the database changes; the
+            // requeue is only a safety net.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
+    apply_children(ctx, relay, &ns, &sdb, &secret).await?;
+    let (ready_replicas, available) = deployment_readiness(ctx, &ns, &relay.name_any()).await?;
+    let db_ready = sdb
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
+    let conds = relay_conditions(
+        &relay.spec.database_ref.name,
+        db_ready,
+        available,
+        ready_replicas,
+    );
+    write_status(ctx, relay, Some(ready_replicas), conds).await?;
+    ctx.backoff.reset(&super::object_key(relay));
+    // Deployment status changes arrive through the owns() watch; this is the drift safety net.
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// The relay's ServiceDatabase (not being deleted, outbox enabled) and its relay Secret.
+async fn resolve(relay: &OutboxRelay, ctx: &Context, ns: &str) -> Result<Resolution, Error> {
     let sdb_name = &relay.spec.database_ref.name;
-    let sdbs: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), &ns);
+    let sdbs: Api<ServiceDatabase> = Api::namespaced(ctx.client.clone(), ns);
     let sdb = sdbs.get_opt(sdb_name).await.map_err(|source| Error::Read {
         what: format!("ServiceDatabase {sdb_name}"),
         source,
     })?;
-    let waiting = |reason: &'static str, message: String| async move {
-        ctx.event(
-            relay,
-            EventType::Warning,
-            reason,
-            "Resolve",
-            message.clone(),
-        )
-        .await;
-        write_status(
-            ctx,
-            relay,
-            None,
-            vec![
-                Desired::fail("Ready", reason, message.clone()),
-                Desired::fail("DatabaseReady", reason, message),
-            ],
-        )
-        .await?;
-        // The ServiceDatabase watch wakes this relay when the database changes; the requeue is
-        // only a safety net.
-        Ok::<_, Error>(Action::requeue(Duration::from_secs(60)))
-    };
+    let waiting = |reason: &'static str, message: String| Resolution::Waiting { reason, message };
     let Some(sdb) = sdb.filter(|s| s.meta().deletion_timestamp.is_none()) else {
-        return waiting(
+        return Ok(waiting(
             "DatabaseNotFound",
             format!("waiting for ServiceDatabase {sdb_name} in namespace {ns}"),
-        )
-        .await;
+        ));
     };
-    let Some(outbox) = sdb.spec.enabled_outbox() else {
-        return waiting(
+    if sdb.spec.enabled_outbox().is_none() {
+        return Ok(waiting(
             "OutboxDisabled",
             format!("ServiceDatabase {sdb_name} does not have the outbox enabled"),
-        )
-        .await;
-    };
+        ));
+    }
     let relay_secret = DatabaseNames::new(sdb_name).relay_secret();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(secret) = secrets
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = secrets
         .get_opt(&relay_secret)
         .await
         .map_err(|source| Error::Read {
             what: format!("Secret {relay_secret}"),
             source,
-        })?
-    else {
-        return waiting(
+        })?;
+    Ok(match secret {
+        Some(secret) => Resolution::Ready {
+            sdb: Box::new(sdb),
+            secret: Box::new(secret),
+        },
+        None => waiting(
             "CredentialsNotReady",
             format!("waiting for Secret {relay_secret} of ServiceDatabase {sdb_name}"),
-        )
-        .await;
-    };
+        ),
+    })
+}
 
+/// The relay's ConfigMap, ServiceAccount and Deployment, with an Event naming what changed.
+async fn apply_children(
+    ctx: &Context,
+    relay: &OutboxRelay,
+    ns: &str,
+    sdb: &ServiceDatabase,
+    secret: &Secret,
+) -> Result<(), Error> {
+    let name = relay.name_any();
+    let sdb_name = &relay.spec.database_ref.name;
+    let Some(outbox) = sdb.spec.enabled_outbox() else {
+        return Ok(());
+    };
+    let relay_secret = DatabaseNames::new(sdb_name).relay_secret();
     let config = relay::relay_config(
         &relay.spec,
-        &ns,
+        ns,
         &name,
         &sdb.spec.database_name(),
         &outbox.table,
@@ -191,31 +245,28 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
     let config_yaml = serde_yaml::to_string(&config).map_err(Error::Render)?;
     let params = RelayParams {
         name: &name,
-        namespace: &ns,
+        namespace: ns,
         owner: controller_ref(relay),
         spec: &relay.spec,
         database: sdb_name,
         relay_secret: &relay_secret,
         image: &ctx.settings.relay_image,
         checksum: checksum(&config_yaml, secret.data.as_ref()),
-        ca: crate::specs::credentials::secret_value(
-            &secret,
-            crate::specs::credentials::CA_CERT_KEY,
-        )
-        .is_some_and(|v| !v.is_empty()),
+        ca: crate::specs::credentials::secret_value(secret, crate::specs::credentials::CA_CERT_KEY)
+            .is_some_and(|v| !v.is_empty()),
     };
     let mut changed = Vec::new();
     if ctx
-        .apply(&ns, relay::config_map(&params, config_yaml))
+        .apply(ns, relay::config_map(&params, config_yaml))
         .await?
         == Outcome::Applied
     {
         changed.push("ConfigMap");
     }
-    if ctx.apply(&ns, relay::service_account(&params)).await? == Outcome::Applied {
+    if ctx.apply(ns, relay::service_account(&params)).await? == Outcome::Applied {
         changed.push("ServiceAccount");
     }
-    if ctx.apply(&ns, relay::deployment(&params)).await? == Outcome::Applied {
+    if ctx.apply(ns, relay::deployment(&params)).await? == Outcome::Applied {
         changed.push("Deployment");
     }
     if !changed.is_empty() {
@@ -228,32 +279,33 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         )
         .await;
     }
+    Ok(())
+}
 
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+/// The relay Deployment's ready replicas and whether any is available.
+async fn deployment_readiness(ctx: &Context, ns: &str, name: &str) -> Result<(i32, bool), Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let deployment = deployments
-        .get_opt(&RelayNames::new(&name).deployment())
+        .get_opt(&RelayNames::new(name).deployment())
         .await
         .map_err(|source| Error::Read {
             what: "relay Deployment".to_owned(),
             source,
         })?;
-    let ready_replicas = deployment
-        .as_ref()
-        .and_then(|d| d.status.as_ref())
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    let available = deployment
-        .as_ref()
-        .and_then(|d| d.status.as_ref())
-        .and_then(|s| s.available_replicas)
-        .unwrap_or(0)
-        > 0;
-    let db_ready = sdb
-        .status
-        .as_ref()
-        .is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
-    let mut conds = Vec::new();
-    conds.push(match (db_ready, available) {
+    let status = deployment.as_ref().and_then(|d| d.status.as_ref());
+    let ready_replicas = status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    let available = status.and_then(|s| s.available_replicas).unwrap_or(0) > 0;
+    Ok((ready_replicas, available))
+}
+
+/// The relay's conditions from its database's readiness and its Deployment's (pure).
+fn relay_conditions(
+    sdb_name: &str,
+    db_ready: bool,
+    available: bool,
+    ready_replicas: i32,
+) -> Vec<Desired> {
+    let ready = match (db_ready, available) {
         (true, true) => Desired::ok(
             "Ready",
             "Publishing",
@@ -265,8 +317,8 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
             format!("ServiceDatabase {sdb_name} is not Ready"),
         ),
         (true, false) => Desired::fail("Ready", "RelayUnavailable", "no relay pod is ready"),
-    });
-    conds.push(if db_ready {
+    };
+    let database = if db_ready {
         Desired::ok(
             "DatabaseReady",
             "Ready",
@@ -278,8 +330,8 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
             "DatabaseNotReady",
             format!("ServiceDatabase {sdb_name} is not Ready"),
         )
-    });
-    conds.push(if available {
+    };
+    let pods = if available {
         Desired::ok(
             "Available",
             "MinimumReplicasAvailable",
@@ -287,11 +339,8 @@ async fn apply_spec(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error>
         )
     } else {
         Desired::fail("Available", "NoReadyReplicas", "no relay pod is ready")
-    });
-    write_status(ctx, relay, Some(ready_replicas), conds).await?;
-    ctx.backoff.reset(&super::object_key(relay));
-    // Deployment status changes arrive through the owns() watch; this is the drift safety net.
-    Ok(Action::requeue(ctx.settings.resync))
+    };
+    vec![ready, database, pods]
 }
 
 /// Checksum of the config file and the credentials: a change to either rolls the pods.
@@ -392,13 +441,14 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     let key = super::object_key(relay);
-    let result = match admin_connection(ctx, &sdb).await.map_err(Box::new)? {
+    let result = match admin_connection(ctx, &sdb).await {
         Ok(admin) => {
             crate::postgres::slots::drop_slot(&admin.with_dbname(sdb.spec.database_name()), &slot)
                 .await
                 .map_err(|e| crate::postgres::summary::user_message(&e))
         }
-        Err(message) => Err(message),
+        Err(AdminError::Unavailable(message)) => Err(message),
+        Err(e) => return Err(e.into()),
     };
     match result {
         Ok(dropped) => {
@@ -447,5 +497,41 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
             .await;
             Err(Error::SlotNotDropped { slot, message: why })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_follow_the_database_and_the_pods() {
+        let summary = |db, available| {
+            relay_conditions("orders", db, available, 2)
+                .into_iter()
+                .map(|c| (c.type_, c.status, c.reason))
+                .collect::<Vec<_>>()
+        };
+        let r = |s: &str| s.to_owned();
+        assert_eq!(
+            summary(true, true),
+            vec![
+                ("Ready", true, r("Publishing")),
+                ("DatabaseReady", true, r("Ready")),
+                ("Available", true, r("MinimumReplicasAvailable")),
+            ]
+        );
+        assert_eq!(
+            summary(false, true)[0],
+            ("Ready", false, r("DatabaseNotReady"))
+        );
+        assert_eq!(
+            summary(true, false),
+            vec![
+                ("Ready", false, r("RelayUnavailable")),
+                ("DatabaseReady", true, r("Ready")),
+                ("Available", false, r("NoReadyReplicas")),
+            ]
+        );
     }
 }
