@@ -3,7 +3,7 @@
 # $SERVICEDB_CACHE (default ~/.cache/servicedb). Only a cold machine pays for the builds.
 #
 #   hack/install-deps.sh            # everything
-#   hack/install-deps.sh kube etcd  # only some parts: apt kube etcd helm nats kafka debezium
+#   hack/install-deps.sh kube etcd  # only some parts: apt kube etcd helm nats kafka debezium providers
 #
 # Kubernetes is built from the Go module proxy: a throwaway module requires k8s.io/kubernetes
 # and gets one `replace k8s.io/<m> => k8s.io/<m> v0.M.P` per staging module, derived from the
@@ -217,10 +217,30 @@ install_debezium() {
   log "debezium ${DEBEZIUM_VERSION}: $(ls "$dir" | wc -l) jars in ${dir}"
 }
 
+# Strimzi's KubernetesSecretConfigProvider as an isolated Connect plugin (its own dir under
+# plugin.path; its jar has the ServiceLoader manifest that plugin.discovery=service_load needs).
+# Kafka and slf4j jars are left out: Connect provides them to every plugin.
+install_config_providers() {
+  local plugins; plugins="$(config_provider_plugin_dir)"
+  local dir="${plugins}/strimzi-kubernetes-config-provider"
+  [[ -f "${plugins}/.complete" ]] && { log "strimzi config provider ${STRIMZI_CONFIG_PROVIDER_VERSION}: cached"; return 0; }
+  log "strimzi config provider ${STRIMZI_CONFIG_PROVIDER_VERSION}: resolving from Maven Central"
+  mkdir -p "$plugins"
+  mvn_copy_deps "${SERVICEDB_CACHE}/build/strimzi-config-provider-${STRIMZI_CONFIG_PROVIDER_VERSION}" "$dir" \
+    "-DexcludeGroupIds=org.apache.kafka,org.slf4j" \
+    "$(dep io.strimzi kafka-kubernetes-config-provider "$STRIMZI_CONFIG_PROVIDER_VERSION")"
+  unzip -p "$dir/kafka-kubernetes-config-provider-${STRIMZI_CONFIG_PROVIDER_VERSION}.jar" \
+      META-INF/services/org.apache.kafka.common.config.provider.ConfigProvider 2>/dev/null \
+    | grep -q 'io.strimzi.kafka.KubernetesSecretConfigProvider' \
+    || die "strimzi config provider: no ServiceLoader entry for KubernetesSecretConfigProvider"
+  touch "${plugins}/.complete"
+  log "strimzi config provider ${STRIMZI_CONFIG_PROVIDER_VERSION}: $(ls "$dir" | wc -l) jars in ${dir}"
+}
+
 # ---------------------------------------------------------------------------------------------
 main() {
   local parts=("$@")
-  ((${#parts[@]})) || parts=(apt kube etcd helm nats kafka debezium)
+  ((${#parts[@]})) || parts=(apt kube etcd helm nats kafka debezium providers)
   local p
   for p in "${parts[@]}"; do
     case "$p" in
@@ -231,6 +251,7 @@ main() {
       nats) install_nats ;;
       kafka) install_kafka ;;
       debezium) install_debezium ;;
+      providers) install_config_providers ;;
       *) die "unknown part: $p" ;;
     esac
   done

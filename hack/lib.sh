@@ -21,6 +21,9 @@ NATS_VERSION="${NATS_VERSION:-v2.15.2}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.3.1}"           # broker and Connect runtime (matches Debezium 3.6)
 DEBEZIUM_VERSION="${DEBEZIUM_VERSION:-3.6.1.Final}"
 LOG4J_VERSION="${LOG4J_VERSION:-2.25.4}"
+# Strimzi's KubernetesSecretConfigProvider (KIP-297) for Connect: 1.2.2 uses fabric8 7.5 with the
+# JDK HTTP client and resolves against Kafka 4.3's connect-api.
+STRIMZI_CONFIG_PROVIDER_VERSION="${STRIMZI_CONFIG_PROVIDER_VERSION:-1.2.2}"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 
 # Go: ordinary module cache; builds are niced so interactive work keeps CPU.
@@ -37,6 +40,9 @@ nats_bin() { echo "${SERVICEDB_BIN}/nats-server-${NATS_VERSION}"; }
 kube_dir() { echo "${SERVICEDB_BIN}/kubernetes-$1"; }   # holds kube-apiserver, kube-controller-manager, kubectl
 kafka_lib() { echo "${SERVICEDB_CACHE}/kafka-${KAFKA_VERSION}/lib"; }
 debezium_plugin_dir() { echo "${SERVICEDB_CACHE}/debezium-${DEBEZIUM_VERSION}-kafka-${KAFKA_VERSION}/plugins"; }
+# Connect's plugin.path: the Debezium plugin dir plus the config-provider plugin dir.
+config_provider_plugin_dir() { echo "${SERVICEDB_CACHE}/strimzi-config-provider-${STRIMZI_CONFIG_PROVIDER_VERSION}/plugins"; }
+connect_plugin_path() { echo "$(debezium_plugin_dir),$(config_provider_plugin_dir)"; }
 
 # The Kubernetes version whose binaries are cached (first of KUBE_VERSIONS); empty if none.
 cached_kube_version() {

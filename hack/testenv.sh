@@ -6,6 +6,7 @@
 #   hack/testenv.sh up       # build/fetch what is missing (cached), start everything, write target/testenv/env
 #   hack/testenv.sh status   # exit 0 when every component answers
 #   hack/testenv.sh down     # stop everything this env started (tracked PIDs); nothing is left running
+#   hack/testenv.sh connect-worker DIR   # run a private Connect worker (foreground) on the env's Kafka
 #
 # `up` is idempotent: if the env file exists and every component answers, it does nothing.
 # Attach a shell:  source target/testenv/env; kubectl get ns
@@ -279,34 +280,119 @@ EOF
     kafka.Kafka "${dir}/server.properties"
 }
 
-start_connect() {
-  local dir="${RUN_DIR}/kafka-connect"
-  mkdir -p "$dir"
+# The identity Connect's config provider uses against the apiserver: what a Strimzi Connect pod's
+# service account would be. Tests bind a Role granting `get` on one Secret to it (README, CDC).
+CONNECT_SA_NAMESPACE=kafka
+CONNECT_SA_NAME=kafka-connect
+
+# sign_connect_cert OUTDIR: a client cert for system:serviceaccount:kafka:kafka-connect signed by
+# the environment's CA (RBAC matches a ServiceAccount subject by this user name and groups).
+sign_connect_cert() {
+  local out="$1"
+  mkdir -p "$out"
+  printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+    'extendedKeyUsage=clientAuth' > "${out}/connect.ext"
+  openssl req -newkey rsa:2048 -nodes -keyout "${out}/connect.key" -out "${out}/connect.csr" \
+    -subj "/O=system:serviceaccounts/O=system:serviceaccounts:${CONNECT_SA_NAMESPACE}/CN=system:serviceaccount:${CONNECT_SA_NAMESPACE}:${CONNECT_SA_NAME}" 2>/dev/null
+  openssl x509 -req -in "${out}/connect.csr" -CA "${CERTS}/ca.crt" -CAkey "${CERTS}/ca.key" \
+    -CAcreateserial -CAserial "${out}/ca.srl" -days 3650 -extfile "${out}/connect.ext" \
+    -out "${out}/connect.crt" 2>/dev/null
+  rm -f "${out}/connect.csr" "${out}/connect.ext"
+  chmod 600 "${out}/connect.key"
+}
+
+# write_connect_worker DIR PORT GROUP_ID TOPIC_PREFIX: everything one Connect worker needs in DIR:
+# its client cert + kubeconfig (for Strimzi's KubernetesSecretConfigProvider, through the fabric8
+# client, which reads KUBECONFIG), the directory the dir/file config providers may read
+# (DIR/secrets), and connect-distributed.properties. Used by `up` for the shared worker and by
+# `connect-worker` for a private one (a distinct group and distinct storage topics).
+write_connect_worker() {
+  local dir="$1" port="$2" group="$3" topics="$4"
+  [[ -n "$dir" && -n "$port" && -n "$group" && -n "$topics" ]] || die "write_connect_worker: missing argument"
+  mkdir -p "${dir}/secrets"
+  sign_connect_cert "${dir}/certs"
+  cat > "${dir}/connect.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: servicedb-testenv
+  cluster:
+    server: https://127.0.0.1:${APISERVER_PORT}
+    certificate-authority-data: $(base64 -w0 < "${CERTS}/ca.crt")
+users:
+- name: ${CONNECT_SA_NAME}
+  user:
+    client-certificate-data: $(base64 -w0 < "${dir}/certs/connect.crt")
+    client-key-data: $(base64 -w0 < "${dir}/certs/connect.key")
+contexts:
+- name: servicedb-testenv
+  context: {cluster: servicedb-testenv, user: ${CONNECT_SA_NAME}, namespace: ${CONNECT_SA_NAMESPACE}}
+current-context: servicedb-testenv
+EOF
+  chmod 600 "${dir}/connect.kubeconfig"
   cat > "${dir}/connect-distributed.properties" <<EOF
 bootstrap.servers=127.0.0.1:${KAFKA_PORT}
-group.id=servicedb-testenv-connect
+group.id=${group}
 key.converter=org.apache.kafka.connect.json.JsonConverter
 value.converter=org.apache.kafka.connect.json.JsonConverter
-config.storage.topic=_connect-configs
+config.storage.topic=${topics}-configs
 config.storage.replication.factor=1
-offset.storage.topic=_connect-offsets
+offset.storage.topic=${topics}-offsets
 offset.storage.replication.factor=1
 offset.storage.partitions=5
-status.storage.topic=_connect-status
+status.storage.topic=${topics}-status
 status.storage.replication.factor=1
 status.storage.partitions=5
 offset.flush.interval.ms=1000
-listeners=http://127.0.0.1:${CONNECT_PORT}
+listeners=http://127.0.0.1:${port}
 rest.advertised.host.name=127.0.0.1
-rest.advertised.port=${CONNECT_PORT}
-plugin.path=$(debezium_plugin_dir)
+rest.advertised.port=${port}
+plugin.path=$(connect_plugin_path)
 connector.client.config.override.policy=All
 scheduled.rebalance.max.delay.ms=0
 plugin.discovery=service_load
+# KIP-297 config providers: connector configs hold \${provider:path:key} references, never
+# passwords. Strimzi's reads Secrets through the Kubernetes API; Kafka's directory and file
+# providers read Secrets mounted into the pods (here: files under ${dir}/secrets).
+config.providers=secrets,dir,file
+config.providers.secrets.class=io.strimzi.kafka.KubernetesSecretConfigProvider
+config.providers.dir.class=org.apache.kafka.common.config.provider.DirectoryConfigProvider
+config.providers.dir.param.allowed.paths=${dir}/secrets
+config.providers.file.class=org.apache.kafka.common.config.provider.FileConfigProvider
+config.providers.file.param.allowed.paths=${dir}/secrets
 EOF
-  start kafka-connect java "${JAVA_OPTS_COMMON[@]}" -cp "$(kafka_lib)/*" \
-    -Dlog4j2.configurationFile="${RUN_DIR}/log4j2.properties" \
-    org.apache.kafka.connect.cli.ConnectDistributed "${dir}/connect-distributed.properties"
+}
+
+# connect_java DIR: sets CONNECT_CMD to the command line of a Connect worker configured by
+# write_connect_worker (an array: the class path holds a glob that must reach java unexpanded).
+connect_java() {
+  CONNECT_CMD=(java "${JAVA_OPTS_COMMON[@]}" -cp "$(kafka_lib)/*"
+    -Dlog4j2.configurationFile="${RUN_DIR}/log4j2.properties"
+    org.apache.kafka.connect.cli.ConnectDistributed "$1/connect-distributed.properties")
+}
+
+start_connect() {
+  local dir="${RUN_DIR}/kafka-connect"
+  write_connect_worker "$dir" "$CONNECT_PORT" servicedb-testenv-connect _connect
+  connect_java "$dir"
+  KUBECONFIG="${dir}/connect.kubeconfig" start kafka-connect "${CONNECT_CMD[@]}"
+}
+
+# A private Connect worker on the running environment's Kafka, to try a worker config without
+# restarting the shared one: writes its files into DIR, then runs in the foreground (exec), so
+# the caller owns the process. Its URL is written to DIR/url.
+connect_worker() {
+  local dir="$1"
+  [[ -n "$dir" ]] || die "usage: $0 connect-worker DIR"
+  load_ports || die "no running environment in ${RUN_DIR}"
+  mkdir -p "$dir"; dir="$(cd "$dir" && pwd)"
+  local port; port="$(free_port)"
+  local id; id="servicedb-worker-$(openssl rand -hex 4)"
+  write_connect_worker "$dir" "$port" "$id" "_${id}"
+  echo "http://127.0.0.1:${port}" > "${dir}/url"
+  export KUBECONFIG="${dir}/connect.kubeconfig"
+  connect_java "$dir"
+  exec "${CONNECT_CMD[@]}"
 }
 
 start_nats() {
@@ -349,6 +435,9 @@ export KAFKA_BOOTSTRAP_SERVERS='127.0.0.1:${KAFKA_PORT}'
 export KAFKA_CONTROLLER_PORT='${KAFKA_CONTROLLER_PORT}'
 export KAFKA_LIB='$(kafka_lib)'
 export KAFKA_CONNECT_URL='http://127.0.0.1:${CONNECT_PORT}'
+export KAFKA_CONNECT_CONFIG_PROVIDERS='secrets,dir,file'
+export KAFKA_CONNECT_SERVICE_ACCOUNT='${CONNECT_SA_NAMESPACE}/${CONNECT_SA_NAME}'
+export KAFKA_CONNECT_SECRETS_DIR='${RUN_DIR}/kafka-connect/secrets'
 export NATS_URL='nats://127.0.0.1:${NATS_PORT}'
 export NATS_MONITOR_URL='http://127.0.0.1:${NATS_MONITOR_PORT}'
 export PATH="${bin}:\${PATH}"
@@ -493,5 +582,6 @@ case "${1:-}" in
   down) with_lock down ;;
   status) if status; then log "test environment up: source ${ENV_FILE}"; else exit 1; fi ;;
   pg-tls-check) pg_tls_check ;;
-  *) echo "usage: $0 up|down|status|pg-tls-check" >&2; exit 2 ;;
+  connect-worker) connect_worker "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|pg-tls-check|connect-worker DIR" >&2; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 //! servicedb-operator: database-per-service for Kubernetes (the library behind the `servicedb` binary).
 
 pub mod api;
+pub mod cdc;
 pub mod devrunner;
 pub mod http;
 pub mod metrics;

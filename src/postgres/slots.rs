@@ -1,5 +1,5 @@
-//! Dropping replication slots, for a Logical relay that is gone and for database teardown
-//! (does database I/O).
+//! Replication slots: their derived names (pure), dropping them for a Logical relay that is gone
+//! and for database teardown, and reading how much WAL a slot retains (does database I/O).
 //!
 //! A slot nobody reads pins WAL forever and eventually fills the disk, so dropping it must
 //! succeed even while a (dying) relay still streams from it: the walsender is terminated first,
@@ -7,11 +7,39 @@
 
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tracing::{debug, info};
 
 use super::PgError;
 use super::connect::{ConnectError, ConnectParams, connect};
+
+/// The name of a replication slot owned by the Kubernetes object `namespace/name`:
+/// `<prefix>_<stem>_<hash>`, where `stem` is `name` lowercased with every other character turned
+/// into `_` and cut to 40 characters, and `hash` is 8 hex digits of SHA-256 of `namespace/name`.
+///
+/// The hash makes the name unique per namespace and name (a stem alone is not: `orders-events`
+/// and `orders_events` give the same stem, and namespaces are not in it); the stem keeps it
+/// readable in `pg_replication_slots`. The result is at most 63 bytes and only uses characters
+/// Postgres allows in slot names (`[a-z0-9_]`), given a `prefix` of that alphabet of at most 14
+/// bytes. Different owners use different prefixes (`obr` for Logical relays, `cdc` for Debezium
+/// connectors), so a relay and a ServiceDatabase with the same name never share a slot.
+pub fn derived_slot_name(prefix: &str, namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let stem: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("{prefix}_{stem}_{suffix}")
+}
 
 /// How long to wait for a terminated walsender to release its slot.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -78,6 +106,10 @@ impl SlotError {
 /// The prefix of every replication slot an OutboxRelay creates (see
 /// `crate::specs::relay::slot_name`): the operator recognises its relays' slots by it.
 pub const RELAY_SLOT_PREFIX: &str = "obr_";
+/// The [`derived_slot_name`] prefix of Logical relays' slots (see [`RELAY_SLOT_PREFIX`]).
+pub const RELAY_SLOT_KIND: &str = "obr";
+/// The [`derived_slot_name`] prefix of CDC connectors' slots.
+pub const CDC_SLOT_KIND: &str = "cdc";
 
 /// Names of the logical replication slots on the server: in `database` only, or in every
 /// database when `None` (a managed instance may lower `wal_level` only when there is none).
@@ -192,6 +224,73 @@ pub async fn drop_slot_with(
     }
 }
 
+/// The WAL a replication slot holds back, as Postgres reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotLag {
+    /// Bytes of WAL between the server's current write position and what the slot's consumer
+    /// confirmed (`pg_current_wal_lsn() - confirmed_flush_lsn`): what the slot keeps on disk
+    /// for its consumer. `None` while the slot has never confirmed anything (a physical slot,
+    /// or a logical slot still in its initial snapshot).
+    pub retained_bytes: Option<i64>,
+    /// `pg_replication_slots.wal_status`: `reserved`, `extended`, `unreserved` (about to be
+    /// invalidated by `max_slot_wal_keep_size`) or `lost` (WAL already removed: the consumer
+    /// cannot continue and needs a new snapshot).
+    pub wal_status: Option<String>,
+    /// Whether a session is streaming from the slot right now.
+    pub active: bool,
+}
+
+impl SlotLag {
+    /// True when `max_slot_wal_keep_size` is about to remove, or has removed, WAL this slot
+    /// still needs.
+    pub fn at_risk(&self) -> bool {
+        matches!(self.wal_status.as_deref(), Some("unreserved" | "lost"))
+    }
+}
+
+/// The query behind [`slot_lag`]: one row for slot `$1`, none when it does not exist.
+/// `pg_current_wal_lsn()` fails on a standby, which is fine: slots the operator watches live
+/// on the primary.
+pub const SLOT_LAG_SQL: &str = "SELECT (pg_catalog.pg_current_wal_lsn() - confirmed_flush_lsn)::int8, \
+     wal_status, active \
+     FROM pg_catalog.pg_replication_slots WHERE slot_name = $1";
+
+/// Why a slot's lag could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the retained WAL of replication slot {slot}: {source}")]
+pub struct SlotLagError {
+    /// Slot.
+    pub slot: String,
+    /// The server's answer.
+    #[source]
+    pub source: PgError,
+}
+
+impl SlotLagError {
+    /// A short, stable category for Event reasons and metric labels.
+    pub fn category(&self) -> &'static str {
+        "ReadCatalogFailed"
+    }
+}
+
+/// Reads how much WAL slot `slot` retains; `Ok(None)` when there is no such slot. Any
+/// connection to the server will do (slots are cluster-wide in `pg_replication_slots`); reading
+/// it needs no privilege beyond login.
+pub async fn slot_lag(client: &Client, slot: &str) -> Result<Option<SlotLag>, SlotLagError> {
+    let row = client
+        .query_opt(SLOT_LAG_SQL, &[&slot])
+        .await
+        .map_err(|e| SlotLagError {
+            slot: slot.to_owned(),
+            source: e.into(),
+        })?;
+    Ok(row.map(|row| SlotLag {
+        retained_bytes: row.get(0),
+        wal_status: row.get(1),
+        active: row.get(2),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +308,37 @@ mod tests {
             vec!["obr_gone_relay_deadbeef".to_owned()]
         );
         assert!(orphaned_relay_slots(&found[..1], &in_use).is_empty());
+    }
+
+    #[test]
+    fn derived_slot_names_are_valid_unique_per_owner_and_stable() {
+        let relay = derived_slot_name("obr", "shop", "Orders-Events");
+        assert_eq!(relay, derived_slot_name("obr", "shop", "Orders-Events"));
+        assert!(relay.starts_with("obr_orders_events_"), "{relay}");
+        assert_ne!(relay, derived_slot_name("obr", "shop2", "Orders-Events"));
+        assert_ne!(relay, derived_slot_name("obr", "shop", "orders_events"));
+        assert_ne!(relay, derived_slot_name("cdc", "shop", "Orders-Events"));
+        let longest = derived_slot_name("cdc", &"n".repeat(63), &"x".repeat(253));
+        assert!(longest.len() <= 63, "{longest} is {} bytes", longest.len());
+        for s in [relay, longest] {
+            assert!(
+                s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn slot_lag_is_at_risk_only_when_wal_is_about_to_go_or_gone() {
+        let lag = |status: &str| SlotLag {
+            retained_bytes: Some(1),
+            wal_status: Some(status.to_owned()),
+            active: true,
+        };
+        assert!(!lag("reserved").at_risk());
+        assert!(!lag("extended").at_risk());
+        assert!(lag("unreserved").at_risk());
+        assert!(lag("lost").at_risk());
     }
 }

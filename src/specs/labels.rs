@@ -90,9 +90,10 @@ impl DatabaseNames {
     pub fn cdc_secret(&self) -> String {
         format!("{}-cdc", self.base)
     }
-    /// The Debezium connector's name in Kafka Connect.
+    /// The Debezium connector's name in Kafka Connect: `servicedb.<namespace>.<name>` (one home:
+    /// [`crate::cdc::connector_name`]).
     pub fn cdc_connector(&self, namespace: &str) -> String {
-        format!("servicedb-{namespace}-{}", self.base)
+        crate::cdc::connector_name(namespace, &self.base)
     }
 }
 

@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sha2::{Digest, Sha256};
 
 use super::instance::{DATABASE_LABEL, RELAY_COMPONENT};
 use super::labels::{selector_labels, standard_labels};
@@ -65,22 +64,10 @@ impl RelayNames {
 /// The replication slot a Logical relay owns: unique per namespace and name, at most 63 bytes,
 /// and only characters Postgres allows in slot names.
 pub fn slot_name(namespace: &str, name: &str) -> String {
-    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
-    let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let stem: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect();
-    format!(
-        "{}{stem}_{suffix}",
-        crate::postgres::slots::RELAY_SLOT_PREFIX
+    crate::postgres::slots::derived_slot_name(
+        crate::postgres::slots::RELAY_SLOT_KIND,
+        namespace,
+        name,
     )
 }
 
