@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint.host"),
+    printcolumn(name = "CDC", type_ = "string", json_path = ".status.cdc.state"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 47").message("metadata.name must be at most 47 characters: child objects append suffixes such as '-superuser' and Service names must fit in 63"),
 )]
@@ -372,8 +373,10 @@ impl Default for OutboxSpec {
     }
 }
 
-/// Change data capture through a Debezium Postgres connector.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Change data capture through a Debezium Postgres connector that the operator registers in
+/// Kafka Connect (named `servicedb.<namespace>.<name>`), watches (`CdcReady`, `status.cdc`) and
+/// removes with `cdc` or the ServiceDatabase.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CdcSpec {
     /// Tables to capture, schema-qualified (`public.orders`). The cdc role gets SELECT on these
@@ -387,6 +390,116 @@ pub struct CdcSpec {
     /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`).
     #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,200}$"))]
     pub topic_prefix: String,
+
+    /// How Kafka Connect reads the cdc role's password (a KIP-297 config provider configured on
+    /// the Connect workers). The connector config holds only a `${...}` reference, never the
+    /// password. Default: Strimzi's `KubernetesSecretConfigProvider` under the alias `secrets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_provider: Option<CdcSecretProvider>,
+
+    /// For `verify-ca`/`verify-full` servers: the path of the CA file inside the Connect pods
+    /// (`database.sslrootcert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/[^\s${}]*$"), length(max = 1024))]
+    pub ssl_root_cert_path: Option<String>,
+
+    /// Extra Debezium connector settings (`snapshot.mode`, `errors.max.retries`, converters,
+    /// ...). Settings the operator owns — where the connector connects, as whom, what it reads,
+    /// its slot, publication and heartbeat — and config-provider references are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[A-Za-z0-9._-]{1,255}$'))").message("setting names are 1-255 letters, digits, '.', '_' and '-'"),
+        validation = cdc_owned_settings_rule(),
+        validation = Rule::new("self.all(k, !self[k].contains('${'))").message("settings may not contain config-provider references ('${'): only the operator references Secrets"),
+    )]
+    #[schemars(extend("maxProperties" = 50))]
+    pub settings: BTreeMap<String, String>,
+
+    /// Retained WAL (bytes) of the connector's slot above which `CdcReady` turns False with
+    /// reason `SlotLagHigh` and a Warning Event. Default 256 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1048576))]
+    pub lag_warning_bytes: Option<i64>,
+}
+
+/// Default of [`CdcSpec::lag_warning_bytes`].
+pub const DEFAULT_CDC_LAG_WARNING_BYTES: i64 = 256 * 1024 * 1024;
+
+/// How Kafka Connect resolves the cdc role's password: exactly one of the three.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.kubernetesSecret), has(self.directory), has(self.file)].filter(x, x).size() == 1").message("set exactly one of kubernetesSecret, directory, file"))]
+pub struct CdcSecretProvider {
+    /// Strimzi's `io.strimzi.kafka.KubernetesSecretConfigProvider`: reads Secret `<name>-cdc`
+    /// through the Kubernetes API (`${secrets:<namespace>/<name>-cdc:password}`). Connect's
+    /// service account needs `get` on that one Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_secret: Option<ProviderAlias>,
+    /// Kafka's `DirectoryConfigProvider`: Secret `<name>-cdc` mounted into the Connect pods
+    /// at `path` (`${dir:<path>:password}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<ProviderPath>,
+    /// Kafka's `FileConfigProvider`: a properties file in the Connect pods holding the
+    /// password under `key` (`${file:<path>:<key>}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<ProviderFile>,
+}
+
+/// A config provider's alias in the Connect worker configuration.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderAlias {
+    /// The alias (`config.providers=<alias>`). Default `secrets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"))]
+    pub alias: Option<String>,
+}
+
+/// A directory config provider and where the Secret is mounted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderPath {
+    /// The alias. Default `dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"))]
+    pub alias: Option<String>,
+    /// Absolute path of the mounted Secret inside the Connect pods.
+    #[schemars(regex(pattern = r"^/[A-Za-z0-9._/-]*$"), length(max = 1024))]
+    pub path: String,
+}
+
+/// A file config provider, the file and the key holding the password.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderFile {
+    /// The alias. Default `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"))]
+    pub alias: Option<String>,
+    /// Absolute path of the properties file inside the Connect pods.
+    #[schemars(regex(pattern = r"^/[A-Za-z0-9._/-]*$"), length(max = 1024))]
+    pub path: String,
+    /// The property holding the password.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,255}$"))]
+    pub key: String,
+}
+
+/// CEL: no extra CDC setting the operator owns (the lists live in `cdc::config`).
+fn cdc_owned_settings_rule() -> Rule {
+    let owned: Vec<String> = crate::cdc::config::OWNED_SETTINGS
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect();
+    let prefixes: Vec<String> = crate::cdc::config::OWNED_PREFIXES
+        .iter()
+        .map(|p| format!("k.lowerAscii().startsWith('{p}')"))
+        .collect();
+    Rule::new(format!(
+        "self.all(k, !(k.lowerAscii() in [{}]) && !({}))",
+        owned.join(", "),
+        prefixes.join(" || ")
+    ))
+    .message("settings may not set what the operator owns: connection, credentials, TLS, tables, topic prefix, slot, publication, heartbeat and signalling (see cdc::config::OWNED_SETTINGS)")
 }
 
 /// A schema-qualified table name, `schema.table`.
@@ -403,6 +516,14 @@ pub struct KafkaConnectRef {
     /// Base URL of the Kafka Connect REST API (`http://connect.kafka:8083`).
     #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 512))]
     pub url: String,
+
+    /// Secret with keys `username` and `password` for Connect's REST API (HTTP basic auth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth_secret_ref: Option<SecretRef>,
+
+    /// CA bundle that signed an `https://` Connect's certificate (default: the public web roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
 
     /// Namespace of the Kafka Connect pods. A managed instance's NetworkPolicy admits pods
     /// labelled `servicedb.io/cdc-access: <namespace>.<name>` of this ServiceDatabase from this
@@ -453,10 +574,33 @@ pub struct ServiceDatabaseStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<SecretNames>,
 
+    /// The CDC connector, while `cdc` is set (and until it is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<CdcStatus>,
+
     /// Conditions: Ready, InstanceReady, DatabaseReady, OutboxReady, CdcReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// What the operator knows of the CDC connector.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcStatus {
+    /// The connector's name in Kafka Connect (`servicedb.<namespace>.<name>`).
+    pub connector: String,
+    /// The Connect cluster it was registered in (kept so removing `cdc` can still delete it).
+    pub kafka_connect: KafkaConnectRef,
+    /// Its replication slot.
+    pub slot: String,
+    /// Connector state: `RUNNING`, `FAILED`, `PAUSED`, `UNASSIGNED`, `RESTARTING`, `Unknown`
+    /// (Connect unreachable) or `Missing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// WAL (bytes) the slot retains for the connector, read on each resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_wal_bytes: Option<i64>,
 }
 
 /// Summary phase of a ServiceDatabase.

@@ -8,8 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 pub struct Desired {
     /// Condition type (`Ready`, `DatabaseReady`, ...).
     pub type_: &'static str,
-    /// `True`, `False` or `Unknown`.
-    pub status: bool,
+    /// `True` (`Some(true)`), `False` (`Some(false)`) or `Unknown` (`None`).
+    pub status: Option<bool>,
     /// CamelCase reason.
     pub reason: String,
     /// Human readable message.
@@ -21,7 +21,7 @@ impl Desired {
     pub fn ok(type_: &'static str, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Desired {
             type_,
-            status: true,
+            status: Some(true),
             reason: reason.into(),
             message: message.into(),
         }
@@ -34,7 +34,23 @@ impl Desired {
     ) -> Self {
         Desired {
             type_,
-            status: false,
+            status: Some(false),
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Desired {
+    /// A condition with status `Unknown` (the controller cannot tell, e.g. a peer is down).
+    pub fn unknown(
+        type_: &'static str,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Desired {
+            type_,
+            status: None,
             reason: reason.into(),
             message: message.into(),
         }
@@ -53,7 +69,12 @@ pub fn merge(
     desired
         .iter()
         .map(|d| {
-            let status = if d.status { "True" } else { "False" }.to_owned();
+            let status = match d.status {
+                Some(true) => "True",
+                Some(false) => "False",
+                None => "Unknown",
+            }
+            .to_owned();
             let previous = current.iter().find(|c| c.type_ == d.type_);
             let last_transition_time = match previous {
                 Some(p) if p.status == status => p.last_transition_time.clone(),

@@ -30,6 +30,13 @@ pub struct WriteLabels {
     pub resource: String,
 }
 
+/// Labels of a request to a Kafka Connect REST API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// `GET`, `PUT`, `POST` or `DELETE`.
+    pub method: String,
+}
+
 /// Labels naming one object.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ObjectLabels {
@@ -56,6 +63,10 @@ pub struct OperatorMetrics {
     /// Replication slots of a ServiceDatabase's database that belong to no OutboxRelay any
     /// more and could not be dropped yet (retried on every reconcile), by ServiceDatabase.
     pub leaked_slots: Family<ObjectLabels, Gauge>,
+    /// WAL (bytes) the CDC connector's replication slot retains, by ServiceDatabase.
+    pub cdc_retained_wal: Family<ObjectLabels, Gauge>,
+    /// Requests sent to Kafka Connect REST APIs, by method: a no-op resync sends GETs only.
+    pub connect_requests: Family<MethodLabels, Counter>,
 }
 
 impl OperatorMetrics {
@@ -73,6 +84,8 @@ impl OperatorMetrics {
             writes: Family::default(),
             cleanups_abandoned: Family::default(),
             leaked_slots: Family::default(),
+            cdc_retained_wal: Family::default(),
+            connect_requests: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("servicedb_operator");
         r.register("reconciles", "Reconciles run", metrics.reconciles.clone());
@@ -101,7 +114,52 @@ impl OperatorMetrics {
             "Replication slots left by deleted OutboxRelays that could not be dropped yet",
             metrics.leaked_slots.clone(),
         );
+        r.register(
+            "cdc_slot_retained_wal_bytes",
+            "WAL the CDC connector's replication slot retains",
+            metrics.cdc_retained_wal.clone(),
+        );
+        r.register(
+            "connect_requests",
+            "Requests sent to Kafka Connect REST APIs",
+            metrics.connect_requests.clone(),
+        );
         metrics
+    }
+
+    /// Set the WAL the CDC slot of ServiceDatabase `namespace/name` retains; `None` removes the
+    /// series (no cdc, or not known).
+    pub fn set_cdc_retained_wal(&self, namespace: &str, name: &str, bytes: Option<i64>) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match bytes {
+            Some(b) => {
+                self.cdc_retained_wal.get_or_create(&labels).set(b);
+            }
+            None => {
+                self.cdc_retained_wal.remove(&labels);
+            }
+        }
+    }
+
+    /// Count Kafka Connect requests a client made.
+    pub fn connect_requests(&self, counts: &crate::cdc::RequestCounts) {
+        for (method, n) in [
+            ("GET", counts.get),
+            ("PUT", counts.put),
+            ("POST", counts.post),
+            ("DELETE", counts.delete),
+        ] {
+            if n > 0 {
+                self.connect_requests
+                    .get_or_create(&MethodLabels {
+                        method: method.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
     }
 
     /// Record a deletion of `kind` that gave up on its cleanup.

@@ -509,7 +509,7 @@ mod tests {
         let summary = |db, available| {
             relay_conditions("orders", db, available, 2)
                 .into_iter()
-                .map(|c| (c.type_, c.status, c.reason))
+                .map(|c| (c.type_, c.status == Some(true), c.reason))
                 .collect::<Vec<_>>()
         };
         let r = |s: &str| s.to_owned();

@@ -516,8 +516,14 @@ mod tests {
             kafka_connect: KafkaConnectRef {
                 url: "http://connect.kafka:8083".to_owned(),
                 namespace: namespace.map(str::to_owned),
+                basic_auth_secret_ref: None,
+                ca_secret_ref: None,
             },
             topic_prefix: "cdc.orders".to_owned(),
+            secret_provider: None,
+            ssl_root_cert_path: None,
+            settings: BTreeMap::new(),
+            lag_warning_bytes: None,
         }
     }
 

@@ -32,6 +32,9 @@ pub async fn cleanup(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Err
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)
         .is_some_and(|v| v == "true");
+    if !skip {
+        remove_connector(sdb, ctx).await?;
+    }
     match sdb.spec.deletion_policy {
         DeletionPolicy::Retain => {
             // The data stays, and so must the Secrets that hold its passwords: orphan them so
@@ -196,4 +199,44 @@ async fn orphan_secret(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
         source,
     })?;
     Ok(())
+}
+
+/// The CDC connector goes first, then its slot (whatever the deletion policy: a slot nobody
+/// reads pins WAL forever). Retried while Connect or the server is down, up to the cleanup
+/// timeout; then given up with an Event and the metric.
+async fn remove_connector(sdb: &ServiceDatabase, ctx: &Context) -> Result<(), Error> {
+    let recorded = sdb.status.as_ref().and_then(|s| s.cdc.clone());
+    let Some(recorded) = recorded else {
+        return Ok(());
+    };
+    let admin = crate::operator::admin::admin_connection(ctx, sdb)
+        .await
+        .ok();
+    let Err(message) = super::cdc::remove(ctx, sdb, &recorded, admin.as_ref()).await else {
+        return Ok(());
+    };
+    if crate::operator::deleting_for(sdb) >= ctx.settings.cleanup_timeout {
+        ctx.metrics.abandoned_cleanup("ServiceDatabase");
+        let note = format!(
+            "{message}; gave up after {:?}: connector {} or slot {} may be left behind",
+            ctx.settings.cleanup_timeout, recorded.connector, recorded.slot
+        );
+        ctx.event(sdb, EventType::Warning, "CleanupAbandoned", "Delete", note)
+            .await;
+        return Ok(());
+    }
+    let note = format!(
+        "{message}; retrying for up to {:?} after deletion. Set the annotation {SKIP_CLEANUP_ANNOTATION}: \"true\" to delete without removing it",
+        ctx.settings.cleanup_timeout
+    );
+    ctx.event(
+        sdb,
+        EventType::Warning,
+        "CleanupFailed",
+        "Delete",
+        note.clone(),
+    )
+    .await;
+    let _ = status::write(ctx, sdb, &Reached::CleanupFailed(note.clone())).await;
+    Err(Error::Connector(message))
 }

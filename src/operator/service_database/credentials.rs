@@ -257,6 +257,14 @@ pub struct Persisted {
 }
 
 impl Persisted {
+    /// The stored password of `purpose`'s role (to keep it out of error texts).
+    pub fn password(&self, purpose: &str) -> Option<&Password> {
+        self.creds
+            .iter()
+            .find(|c| c.purpose == purpose)
+            .map(|c| &c.password)
+    }
+
     /// The managed instance's pod is Ready: bootstrap passwords are applied.
     pub fn instance_ready(&mut self) {
         for c in &mut self.creds {

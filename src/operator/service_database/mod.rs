@@ -14,6 +14,7 @@
 //! status and a Warning Event, and [`error_policy`] decides when to retry. Deletion is
 //! [`cleanup`].
 
+mod cdc;
 mod cleanup;
 mod credentials;
 mod decide;
@@ -82,6 +83,9 @@ pub enum Error {
     /// Reading replication slots failed.
     #[error("{0}")]
     Slots(#[from] postgres::slots::SlotError),
+    /// Removing the CDC connector or its slot failed (retried with backoff).
+    #[error("CDC connector: {0}")]
+    Connector(String),
     /// The finalizer helper failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<FinalizerError<Error>>),
@@ -121,6 +125,7 @@ impl Categorized for Error {
             Error::Deprovision(e) => e.category(),
             Error::Guard(_) => "SecretGuardFailed",
             Error::Slots(e) => e.category(),
+            Error::Connector(_) => "ConnectorCleanupFailed",
             Error::Finalizer(_) => "FinalizerFailed",
             Error::NoNamespace => "NoNamespace",
             Error::Tls(e) => e.category(),
@@ -241,10 +246,21 @@ async fn apply_spec(sdb: &ServiceDatabase, ctx: &Context) -> Result<Action, Erro
     }
     let reached = result?;
     ctx.backoff.reset(&super::object_key(sdb));
-    Ok(match reached {
-        Reached::InstanceStarting { .. } => Action::requeue(RECHECK),
-        _ => Action::requeue(ctx.settings.resync),
-    })
+    Ok(Action::requeue(next_look(&reached, ctx.settings.resync)))
+}
+
+/// When to reconcile again after a reconcile that got to `reached`: soon while something is on
+/// its way (a pod starting, a connector not running yet, a removal to retry), else at the resync.
+fn next_look(reached: &Reached, resync: Duration) -> Duration {
+    match reached {
+        Reached::InstanceStarting { .. } => RECHECK,
+        Reached::Ready {
+            cdc_retiring: Some(_),
+            ..
+        } => RECHECK,
+        Reached::Ready { cdc: Some(c), .. } => c.recheck.unwrap_or(resync).min(resync),
+        _ => resync,
+    }
 }
 
 /// The apply steps for a valid spec: credentials, instance, Secrets, provisioning.
@@ -302,15 +318,27 @@ async fn converge(
     }
     // A Ready instance ran its first-start SQL, so it holds every password that was in it.
     persisted.instance_ready();
-    let cdc_missing =
+    // A removed `cdc`: its connector and slot go before provisioning drops the publication.
+    let cdc_retiring = cdc::retire_removed(ctx, sdb, &target).await.map(Box::new);
+    let missing_tables =
         provisioning::converge(ctx, sdb, desire, &target, &mut persisted, &to).await?;
     provisioning::collect_orphaned_slots(ctx, sdb, ns, &target.admin, desire.database()).await;
+    let cdc = match &sdb.spec.cdc {
+        Some(spec) => {
+            let password = persisted.password("cdc").cloned();
+            let report =
+                cdc::converge(ctx, sdb, spec, desire, &target, &missing_tables, password).await;
+            Some(Box::new(report))
+        }
+        None => None,
+    };
     Ok(Reached::Ready {
         instance: desire.instance_text.clone(),
         endpoint: desire.endpoint.clone(),
         database: desire.database().to_owned(),
         outbox: desire.outbox().map(ToString::to_string),
-        cdc_missing: sdb.spec.cdc.as_ref().map(|_| cdc_missing),
+        cdc,
+        cdc_retiring,
     })
 }
 

@@ -8,8 +8,9 @@ use serde_json::json;
 use tracing::info;
 
 use super::Error;
+use super::cdc::CdcReport;
 use crate::api::service_database::{
-    Endpoint, Phase, SecretNames, ServiceDatabase, ServiceDatabaseStatus,
+    CdcStatus, Endpoint, Phase, SecretNames, ServiceDatabase, ServiceDatabaseStatus,
 };
 use crate::operator::Context;
 use crate::operator::conditions::{self, Desired};
@@ -62,8 +63,10 @@ pub enum Reached {
         database: String,
         /// The outbox table, when enabled.
         outbox: Option<String>,
-        /// With `cdc`: tables it names that do not exist yet.
-        cdc_missing: Option<Vec<String>>,
+        /// With `cdc`: the connector's readiness and status.
+        cdc: Option<Box<CdcReport>>,
+        /// `cdc` was removed but its connector or slot could not be removed yet.
+        cdc_retiring: Option<Box<CdcStatus>>,
     },
     /// Deletion is waiting for cleanup that failed.
     CleanupFailed(String),
@@ -123,12 +126,17 @@ pub fn aim(reached: &Reached) -> (Phase, Option<String>, Option<Endpoint>, Vec<D
             endpoint,
             database,
             outbox,
-            cdc_missing,
+            cdc,
+            ..
         } => (
             Phase::Ready,
             Some(instance.clone()),
             Some(endpoint.clone()),
-            ready_conditions(database, outbox.as_deref(), cdc_missing.as_deref()),
+            ready_conditions(
+                database,
+                outbox.as_deref(),
+                cdc.as_ref().map(|c| &c.condition),
+            ),
         ),
         Reached::CleanupFailed(message) => (
             Phase::Deleting,
@@ -139,11 +147,7 @@ pub fn aim(reached: &Reached) -> (Phase, Option<String>, Option<Endpoint>, Vec<D
     }
 }
 
-fn ready_conditions(
-    database: &str,
-    outbox: Option<&str>,
-    cdc_missing: Option<&[String]>,
-) -> Vec<Desired> {
+fn ready_conditions(database: &str, outbox: Option<&str>, cdc: Option<&Desired>) -> Vec<Desired> {
     let mut conds = vec![
         Desired::ok(
             "Ready",
@@ -164,19 +168,7 @@ fn ready_conditions(
             format!("outbox table {outbox} exists"),
         ));
     }
-    match cdc_missing {
-        None => {}
-        Some([]) => conds.push(Desired::ok(
-            "CdcReady",
-            "Provisioned",
-            "the cdc role and publication cover every table",
-        )),
-        Some(missing) => conds.push(Desired::fail(
-            "CdcReady",
-            "TablesMissing",
-            format!("tables not found yet: {}", missing.join(", ")),
-        )),
-    }
+    conds.extend(cdc.cloned());
     conds
 }
 
@@ -187,8 +179,20 @@ pub fn compute(sdb: &ServiceDatabase, reached: &Reached, now: Timestamp) -> Serv
     let names = DatabaseNames::new(&sdb.name_any());
     let current = sdb.status.clone().unwrap_or_default();
     let outbox = sdb.spec.enabled_outbox().is_some();
+    // What is known of the connector: this reconcile's report, what removal left, or (when the
+    // reconcile stopped early) what status already said.
+    let cdc = match reached {
+        Reached::Ready {
+            cdc, cdc_retiring, ..
+        } => cdc
+            .as_ref()
+            .map(|c| c.status.clone())
+            .or(cdc_retiring.as_deref().cloned()),
+        _ => current.cdc.clone(),
+    };
     ServiceDatabaseStatus {
         observed_generation: sdb.meta().generation,
+        cdc,
         phase: Some(phase),
         instance,
         endpoint,
@@ -240,13 +244,29 @@ mod tests {
         }
     }
 
-    fn ready(cdc_missing: Option<Vec<String>>) -> Reached {
+    fn ready(cdc: Option<Desired>) -> Reached {
         Reached::Ready {
             instance: "external, pg:5432".into(),
             endpoint: endpoint(),
             database: "orders".into(),
             outbox: Some("public.outbox".into()),
-            cdc_missing,
+            cdc: cdc.map(|condition| {
+                Box::new(CdcReport {
+                    condition,
+                    status: CdcStatus {
+                        connector: "servicedb.shop.orders".into(),
+                        kafka_connect: serde_json::from_value(
+                            serde_json::json!({"url": "http://connect:8083"}),
+                        )
+                        .unwrap(),
+                        slot: "cdc_orders_1".into(),
+                        state: None,
+                        retained_wal_bytes: None,
+                    },
+                    recheck: None,
+                })
+            }),
+            cdc_retiring: None,
         }
     }
 
@@ -256,7 +276,7 @@ mod tests {
             phase,
             conds
                 .into_iter()
-                .map(|c| (c.type_, c.status, c.reason))
+                .map(|c| (c.type_, c.status == Some(true), c.reason))
                 .collect(),
         )
     }
@@ -341,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn cdc_readiness_follows_the_missing_tables() {
+    fn cdc_readiness_is_the_cdc_steps_condition_and_never_the_databases() {
         let cdc = |r: &Reached| {
             summary(r)
                 .1
@@ -350,13 +370,16 @@ mod tests {
                 .map(|c| (c.1, c.2))
         };
         assert_eq!(cdc(&ready(None)), None);
+        let running = Desired::ok("CdcReady", "Running", "ok");
         assert_eq!(
-            cdc(&ready(Some(vec![]))),
-            Some((true, "Provisioned".to_owned()))
+            cdc(&ready(Some(running))),
+            Some((true, "Running".to_owned()))
         );
-        assert_eq!(
-            cdc(&ready(Some(vec!["public.orders".into()]))),
-            Some((false, "TablesMissing".to_owned()))
-        );
+        let failed = Desired::fail("CdcReady", "ConnectorFailed", "task 0 FAILED");
+        let r = ready(Some(failed));
+        assert_eq!(cdc(&r), Some((false, "ConnectorFailed".to_owned())));
+        // The database stays Ready while its connector fails.
+        assert_eq!(summary(&r).1[0], ("Ready", true, "Provisioned".to_owned()));
+        assert_eq!(summary(&r).0, Phase::Ready);
     }
 }
