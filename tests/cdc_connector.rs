@@ -10,6 +10,7 @@
 //! worker on the shared Kafka with `hack/testenv.sh connect-worker` (same worker properties as
 //! the shared one, its own group and storage topics), which dies with the test binary.
 
+mod harness;
 mod support;
 
 use std::path::PathBuf;
@@ -245,12 +246,6 @@ impl Fixture {
 
         let name = "orders".to_owned();
         let secret = format!("{name}-cdc");
-        let (sa_ns, sa_name) = env()
-            .vars
-            .get("KAFKA_CONNECT_SERVICE_ACCOUNT")
-            .and_then(|s| s.split_once('/'))
-            .map(|(a, b)| (a.to_owned(), b.to_owned()))
-            .unwrap_or(("kafka".to_owned(), "kafka-connect".to_owned()));
         ns.api::<Secret>()
             .create(
                 &PostParams::default(),
@@ -260,28 +255,7 @@ impl Fixture {
                 }))?,
             )
             .await?;
-        // The documented RBAC (README, CDC): `get` on this one Secret for Connect's account.
-        ns.api::<Role>()
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": "kafka-connect-orders-cdc"},
-                    "rules": [{"apiGroups": [""], "resources": ["secrets"],
-                               "resourceNames": [secret], "verbs": ["get"]}]
-                }))?,
-            )
-            .await?;
-        ns.api::<RoleBinding>()
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": "kafka-connect-orders-cdc"},
-                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                "name": "kafka-connect-orders-cdc"},
-                    "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_ns}]
-                }))?,
-            )
-            .await?;
+        grant_connect_access(&ns, &secret).await?;
 
         let topic_prefix = format!("cdc.{suffix}");
         let e = env();
@@ -363,6 +337,41 @@ impl Fixture {
         drop_slot(&admin(), &self.slot()).await?;
         Ok(())
     }
+}
+
+/// The documented RBAC (README, CDC): `get` on the one `<name>-cdc` Secret for Connect's
+/// service account, which Strimzi's config provider reads it with.
+async fn grant_connect_access(ns: &TestNamespace, secret: &str) -> Result<()> {
+    let (sa_ns, sa_name) = env()
+        .vars
+        .get("KAFKA_CONNECT_SERVICE_ACCOUNT")
+        .and_then(|s| s.split_once('/'))
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .unwrap_or(("kafka".to_owned(), "kafka-connect".to_owned()));
+    // The documented RBAC (README, CDC): `get` on this one Secret for Connect's account.
+    ns.api::<Role>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("kafka-connect-{secret}")},
+                "rules": [{"apiGroups": [""], "resources": ["secrets"],
+                           "resourceNames": [secret], "verbs": ["get"]}]
+            }))?,
+        )
+        .await?;
+    ns.api::<RoleBinding>()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("kafka-connect-{secret}")},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                            "name": format!("kafka-connect-{secret}")},
+                "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_ns}]
+            }))?,
+        )
+        .await?;
+
+    Ok(())
 }
 
 /// Every record of `topic` (all partitions, from the start, up to the current end).
@@ -642,5 +651,219 @@ async fn a_failed_task_reports_its_trace_and_runs_again_after_the_fix_and_a_rest
     assert_eq!((last.0.as_str(), last.1), ("c", 7));
 
     f.cleanup().await?;
+    Ok(())
+}
+
+/// The whole lifecycle through the operator: `spec.cdc` on an external ServiceDatabase whose
+/// captured table the app creates later → `CdcReady=False TablesMissing` → connector RUNNING →
+/// change events on Kafka → no-op resyncs → `cdc` removed: connector, slot and publication gone.
+#[tokio::test]
+async fn the_operator_runs_the_connector_of_a_service_database_and_removes_it_with_cdc()
+-> Result<()> {
+    use harness::{Operator, connect_uri, create_admin_secret, external_sdb, secret_string};
+    use kube::api::{Patch, PatchParams};
+    use servicedb::api::ServiceDatabase;
+
+    let ns = TestNamespace::new("cdc-op").await?;
+    let op = Operator::start(&ns.name).await?;
+    create_admin_secret(&ns, "pg-admin").await?;
+    let suffix = random_suffix();
+    let service = format!("cdcop-{suffix}");
+    let database = service.replace('-', "_");
+    let prefix = format!("cdcop.{suffix}");
+    let mut obj = external_sdb("shop", &service, "Delete");
+    obj["spec"]["cdc"] = serde_json::json!({
+        "tables": ["public.orders"],
+        "kafkaConnect": {"url": worker().url},
+        "topicPrefix": prefix,
+    });
+    let api = ns.api::<ServiceDatabase>();
+    api.create(&PostParams::default(), &serde_json::from_value(obj)?)
+        .await?;
+    grant_connect_access(&ns, "shop-cdc").await?;
+    harness::wait_condition(&api, "shop", "DatabaseReady", "True", TIMEOUT).await?;
+    let waiting = harness::wait_condition(&api, "shop", "CdcReady", "False", TIMEOUT).await?;
+    let cdc_ready = |s: &ServiceDatabase| {
+        s.status.as_ref().and_then(|st| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == "CdcReady")
+                .cloned()
+        })
+    };
+    let c = cdc_ready(&waiting).ok_or_else(|| anyhow!("no CdcReady"))?;
+    assert_eq!(c.reason, "TablesMissing", "{c:?}");
+    assert!(c.message.contains("public.orders"), "{c:?}");
+
+    // The app creates its tables after its database was provisioned.
+    let secrets = ns.api::<Secret>();
+    let app_uri = secret_string(&secrets.get("shop-app").await?, "uri")?;
+    let app = connect_uri(&app_uri).await?;
+    app.batch_execute(
+        "CREATE TABLE public.orders (id int PRIMARY KEY, item text NOT NULL, qty int NOT NULL);
+         CREATE TABLE public.other (id int PRIMARY KEY, note text);
+         INSERT INTO public.orders VALUES (1, 'seed', 1);",
+    )
+    .await?;
+    let running = wait_until("CdcReady=True", CONNECT_TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let s = api.get("shop").await.ok()?;
+            (cdc_ready(&s)?.status == "True").then_some(s)
+        }
+    })
+    .await?;
+    let cdc_status = running
+        .status
+        .as_ref()
+        .and_then(|s| s.cdc.clone())
+        .ok_or_else(|| anyhow!("no status.cdc"))?;
+    let connector = format!("servicedb.{}.shop", ns.name);
+    assert_eq!(cdc_status.connector, connector);
+    assert_eq!(cdc_status.slot, slot_name(&ns.name, "shop"));
+    assert_eq!(cdc_status.state.as_deref(), Some("RUNNING"));
+    // The database's readiness is its own.
+    assert!(running.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    }));
+
+    app.batch_execute(
+        "INSERT INTO public.other VALUES (1, 'never-on-kafka');
+         INSERT INTO public.orders VALUES (2, 'book', 3);
+         UPDATE public.orders SET qty = 4 WHERE id = 2;
+         DELETE FROM public.orders WHERE id = 1;",
+    )
+    .await?;
+    let topic = format!("{prefix}.public.orders");
+    wait_for_topic(&topic).await?;
+    let records = support::kafka_consume(&topic, 5, CONNECT_TIMEOUT).await?;
+    let mut ops = Vec::new();
+    for r in &records[..4] {
+        let payload = r
+            .payload
+            .as_deref()
+            .ok_or_else(|| anyhow!("null payload"))?;
+        let (op, id, _) = op_and_id(payload)?;
+        ops.push((op, id));
+    }
+    let ops: Vec<(&str, i64)> = ops.iter().map(|(o, i)| (o.as_str(), *i)).collect();
+    assert_eq!(ops, [("r", 1), ("c", 2), ("u", 2), ("d", 1)]);
+    assert!(records[4].payload.is_none(), "the delete's tombstone");
+    assert_eq!(
+        topics_with_prefix(&format!("{prefix}."))?.as_slice(),
+        std::slice::from_ref(&topic),
+        "only the captured table has a topic"
+    );
+
+    // The password is in no connector config, config topic, operator log or Event.
+    let password = secret_string(&secrets.get("shop-cdc").await?, "password")?;
+    let client = ConnectClient::new(&ConnectSettings::new(worker().url.clone()))?;
+    let held = client
+        .get_config(&connector)
+        .await?
+        .ok_or_else(|| anyhow!("connector config missing"))?;
+    assert!(held.values().all(|v| !v.contains(&password)));
+    assert_eq!(
+        held["database.password"],
+        format!("${{secrets:{}/shop-cdc:password}}", ns.name)
+    );
+    for r in read_whole_topic(&worker().config_topic)
+        .await?
+        .into_iter()
+        .flatten()
+    {
+        assert!(!String::from_utf8_lossy(&r).contains(&password));
+    }
+    assert!(
+        !op.log_text().contains(&password),
+        "the password is in the log"
+    );
+    let events = ns
+        .api::<k8s_openapi::api::events::v1::Event>()
+        .list(&Default::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .all(|e| !e.note.clone().unwrap_or_default().contains(&password))
+    );
+
+    // Ten forced resyncs: no PUT to Connect, no write to the apiserver.
+    let puts = r#"servicedb_operator_connect_requests_total{method="PUT"}"#;
+    let writes = "servicedb_operator_api_writes_total";
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (puts_before, writes_before) = (
+        op.counter_total(puts).await?,
+        op.counter_total(writes).await?,
+    );
+    assert_eq!(puts_before, 1.0, "one PUT registered the connector");
+    for i in 0..10 {
+        api.patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"annotations": {"test/resync": i.to_string()}}}),
+            ),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        op.counter_total(puts).await?,
+        puts_before,
+        "a no-op resync PUT to Connect"
+    );
+    assert_eq!(
+        op.counter_total(writes).await?,
+        writes_before,
+        "a no-op resync wrote to the apiserver"
+    );
+
+    // Removing cdc: the connector goes, then its slot; provisioning drops the publication.
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"cdc": null}})),
+    )
+    .await?;
+    let pg = Fixture::superuser("postgres").await?;
+    let slot = slot_name(&ns.name, "shop");
+    wait_until(
+        "connector, slot and publication gone",
+        CONNECT_TIMEOUT,
+        || {
+            let (client, connector, pg, slot, database) = (
+                client.clone(),
+                connector.clone(),
+                &pg,
+                slot.clone(),
+                database.clone(),
+            );
+            async move {
+                let connector_gone = client.status(&connector).await.ok()?.is_none();
+                let slot_gone = slot_lag(pg, &slot).await.ok()?.is_none();
+                let db = Fixture::superuser(&database).await.ok()?;
+                let publications = db
+                    .query_one(
+                        "SELECT count(*) FROM pg_publication WHERE pubname LIKE '%cdc%'",
+                        &[],
+                    )
+                    .await
+                    .ok()?
+                    .get::<_, i64>(0);
+                (connector_gone && slot_gone && publications == 0).then_some(())
+            }
+        },
+    )
+    .await?;
+    let after = api.get("shop").await?;
+    assert!(
+        after.status.as_ref().is_some_and(|s| s.cdc.is_none()),
+        "status.cdc stays"
+    );
     Ok(())
 }
