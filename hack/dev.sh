@@ -67,11 +67,21 @@ for f in examples/*.yaml; do
       -e "s|port: 5432|port: ${PGPORT}|" \
       -e "s|# sslMode: verify-full |sslMode: ${SSL_MODE} |" \
       -e "s|kafka.kafka.svc:9092|${KAFKA_BOOTSTRAP_SERVERS}|" \
-      -e "s|nats://nats.nats.svc:4222|${NATS_URL}|" "$f" \
+      -e "s|nats://nats.nats.svc:4222|${NATS_URL}|" \
+      -e "s|http://connect.kafka.svc:8083|${KAFKA_CONNECT_URL}|" \
+      -e "s|/etc/pg-ca/ca.crt|${CA_FILE}|" "$f" \
     | kubectl -n "${NS}" apply --server-side --field-manager servicedb-dev -f - >/dev/null
 done
 
-for sdb in payments inventory; do
+# Kafka Connect reads the catalog-cdc password through Strimzi's config provider as its service
+# account: the documented Role (README, CDC), exactly `get` on that one Secret.
+connect_sa="${KAFKA_CONNECT_SERVICE_ACCOUNT:-kafka/kafka-connect}"
+kubectl -n "${NS}" create role kafka-connect-catalog-cdc --verb=get --resource=secrets \
+  --resource-name=catalog-cdc --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n "${NS}" create rolebinding kafka-connect-catalog-cdc --role=kafka-connect-catalog-cdc \
+  --serviceaccount="${connect_sa/\//:}" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+for sdb in payments inventory catalog; do
   kubectl -n "${NS}" wait --for condition=Ready --timeout=180s "servicedatabase/${sdb}" >/dev/null
 done
 for obr in payments-events inventory-events; do
@@ -90,6 +100,14 @@ id2="$(cat /proc/sys/kernel/random/uuid)"
 log "inserting event ${id2} into the inventory outbox and deleting it in the same transaction"
 psql -q "$(uri_of inventory-app)" -c "BEGIN; INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('${id2}', 'item', 'sku-7', 'StockReserved', '{\"qty\": 1}'); DELETE FROM outbox WHERE id = '${id2}'; COMMIT;"
 RUST_LOG=warn "${BIN}/servicedb-dev" consume-nats --stream INVENTORY --id "${id2}" --timeout-seconds 120
+
+log "CDC: the catalog app creates its captured table; the operator registers the connector"
+psql -q "$(uri_of catalog-app)" -c "CREATE TABLE IF NOT EXISTS public.products (id int PRIMARY KEY, name text NOT NULL)"
+kubectl -n "${NS}" wait --for condition=CdcReady --timeout=300s servicedatabase/catalog >/dev/null
+kubectl -n "${NS}" get servicedatabase catalog
+psql -q "$(uri_of catalog-app)" -c "INSERT INTO public.products VALUES ($((RANDOM)), 'book') ON CONFLICT DO NOTHING"
+log "the change as Debezium published it on cdc.catalog.public.products:"
+RUST_LOG=warn "${BIN}/servicedb-dev" consume-kafka --topic cdc.catalog.public.products --count 1 --timeout-seconds 180
 
 cat <<EOT
 

@@ -325,3 +325,54 @@ async fn apiserver_admits_every_allow_listed_parameter() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn apiserver_refuses_cdc_settings_the_operator_owns_and_secret_references() -> Result<()> {
+    harness::install_crds().await?;
+    let ns = support::TestNamespace::new("adm-cdc").await?;
+    let with_cdc = |name: &str, extra: serde_json::Value| {
+        let mut obj = external(name, "orders");
+        obj["spec"]["cdc"] = json!({
+            "tables": ["public.orders"],
+            "kafkaConnect": {"url": "http://connect.kafka:8083"},
+            "topicPrefix": "cdc.orders",
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            obj["spec"]["cdc"][k] = v.clone();
+        }
+        obj
+    };
+    for (key, why) in [
+        ("slot.name", "the operator owns"),
+        ("Database.Password", "the operator owns"),
+        ("database.sslkey", "the operator owns"),
+        ("table.include.list", "the operator owns"),
+    ] {
+        let obj = with_cdc("owned", json!({"settings": {key: "x"}}));
+        let msg = rejection(apply(&ns, &obj).await);
+        assert!(msg.contains(why), "{key}: {msg}");
+    }
+    let obj = with_cdc(
+        "reference",
+        json!({"settings": {"transforms.x.password": "${secrets:kube-system/other:password}"}}),
+    );
+    let msg = rejection(apply(&ns, &obj).await);
+    assert!(msg.contains("config-provider references"), "{msg}");
+    let both = with_cdc(
+        "providers",
+        json!({"secretProvider": {"kubernetesSecret": {}, "directory": {"path": "/x"}}}),
+    );
+    let msg = rejection(apply(&ns, &both).await);
+    assert!(msg.contains("exactly one of"), "{msg}");
+    // Ordinary settings and one provider are fine.
+    apply(
+        &ns,
+        &with_cdc(
+            "fine",
+            json!({"settings": {"snapshot.mode": "never", "errors.max.retries": "10"},
+                   "secretProvider": {"directory": {"path": "/opt/kafka/external-configuration/orders-cdc"}}}),
+        ),
+    )
+    .await?;
+    Ok(())
+}

@@ -412,7 +412,7 @@ pub struct CdcSpec {
         validation = cdc_owned_settings_rule(),
         validation = Rule::new("self.all(k, !self[k].contains('${'))").message("settings may not contain config-provider references ('${'): only the operator references Secrets"),
     )]
-    #[schemars(extend("maxProperties" = 50))]
+    #[schemars(schema_with = "cdc_settings_schema")]
     pub settings: BTreeMap<String, String>,
 
     /// Retained WAL (bytes) of the connector's slot above which `CdcReady` turns False with
@@ -482,6 +482,15 @@ pub struct ProviderFile {
     /// The property holding the password.
     #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,255}$"))]
     pub key: String,
+}
+
+/// The schema of `cdc.settings`: bounded, so the apiserver can afford its CEL rules.
+fn cdc_settings_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 50,
+        "additionalProperties": {"type": "string", "maxLength": 4096},
+    })
 }
 
 /// CEL: no extra CDC setting the operator owns (the lists live in `cdc::config`).
