@@ -54,7 +54,7 @@ trap cleanup EXIT
 log "starting the operator (log: target/dev/operator.log)"
 KUBECONFIG="${KUBECONFIG}" RUST_LOG="${RUST_LOG:-info,kube=warn}" \
   "${BIN}/servicedb" operator --listen 127.0.0.1:0 --watch-namespace "${NS}" \
-  --relay-image servicedb-operator:dev >"${DEV_DIR}/operator.log" 2>&1 &
+  --leader-elect-namespace "${NS}" --relay-image servicedb-operator:dev >"${DEV_DIR}/operator.log" 2>&1 &
 pids+=($!)
 log "starting the development relay runner (log: target/dev/relays.log)"
 RUST_LOG="${RUST_LOG:-info,kube=warn}" "${BIN}/servicedb-dev" run-relays --namespace "${NS}" \

@@ -37,30 +37,69 @@ impl Readiness {
     }
 }
 
+/// Whether this process leads (holds the operator's leader Lease), for `/leader` and the body of
+/// `/readyz`. Readiness itself does not depend on it: a healthy standby is ready too.
+#[derive(Clone, Debug, Default)]
+pub struct Leadership(Arc<AtomicBool>);
+
+impl Leadership {
+    pub fn set(&self, leading: bool) {
+        self.0.store(leading, Ordering::SeqCst);
+    }
+    pub fn is_leader(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     registry: Arc<Registry>,
     readiness: Readiness,
+    leadership: Option<Leadership>,
 }
 
 /// The router: `/healthz` (the process serves requests), `/readyz` (the readiness flag) and
 /// `/metrics` (OpenMetrics text of the registry).
 pub fn router(registry: Arc<Registry>, readiness: Readiness) -> Router {
-    Router::new()
+    router_with_leadership(registry, readiness, None)
+}
+
+/// [`router`], plus `/leader` when `leadership` is given: 200 `leader` while this process leads,
+/// 503 `standby` otherwise; `/readyz` then answers `ok: leader` or `ok: standby`.
+pub fn router_with_leadership(
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    leadership: Option<Leadership>,
+) -> Router {
+    let mut routes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(AppState {
-            registry,
-            readiness,
-        })
+        .route("/metrics", get(metrics));
+    if leadership.is_some() {
+        routes = routes.route("/leader", get(leader));
+    }
+    routes.with_state(AppState {
+        registry,
+        readiness,
+        leadership,
+    })
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.readiness.is_ready() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    if !s.readiness.is_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready");
+    }
+    match &s.leadership {
+        None => (StatusCode::OK, "ok"),
+        Some(l) if l.is_leader() => (StatusCode::OK, "ok: leader"),
+        Some(_) => (StatusCode::OK, "ok: standby"),
+    }
+}
+
+async fn leader(State(s): State<AppState>) -> impl IntoResponse {
+    match &s.leadership {
+        Some(l) if l.is_leader() => (StatusCode::OK, "leader"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "standby"),
     }
 }
 
@@ -91,13 +130,24 @@ pub async fn bind(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, impl Future<Output = Result<(), HttpError>>), HttpError> {
+    bind_with_leadership(addr, registry, readiness, None, shutdown).await
+}
+
+/// [`bind`] with [`router_with_leadership`].
+pub async fn bind_with_leadership(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    readiness: Readiness,
+    leadership: Option<Leadership>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = Result<(), HttpError>>), HttpError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| HttpError::Bind { addr, source })?;
-    let app = router(registry, readiness);
+    let app = router_with_leadership(registry, readiness, leadership);
     let fut = async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -146,6 +196,33 @@ mod tests {
         ready.set(true);
         assert!(get_path(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get_path(addr, "/metrics").await.contains("things_total 1"));
+        token.cancel();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_standby_is_ready_and_leader_answers_whether_it_leads() {
+        let ready = Readiness::default();
+        let leadership = Leadership::default();
+        let token = CancellationToken::new();
+        let (addr, fut) = bind_with_leadership(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Registry::default()),
+            ready.clone(),
+            Some(leadership.clone()),
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let server = tokio::spawn(fut);
+        ready.set(true);
+        let standby = get_path(addr, "/readyz").await;
+        assert!(standby.starts_with("HTTP/1.1 200"), "{standby}");
+        assert!(standby.ends_with("ok: standby"), "{standby}");
+        assert!(get_path(addr, "/leader").await.starts_with("HTTP/1.1 503"));
+        leadership.set(true);
+        assert!(get_path(addr, "/readyz").await.ends_with("ok: leader"));
+        assert!(get_path(addr, "/leader").await.starts_with("HTTP/1.1 200"));
         token.cancel();
         server.await.unwrap().unwrap();
     }

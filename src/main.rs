@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +16,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up; boxing the operator's flags would only obscure the clap derive.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print both CustomResourceDefinitions as YAML.
@@ -71,6 +73,8 @@ enum Command {
         /// never resolved). Empty: unrestricted.
         #[arg(long, env = "SERVICEDB_ALLOWED_EXTERNAL_HOSTS", default_value = "")]
         allowed_external_hosts: servicedb::operator::guard_rails::HostPolicy,
+        #[command(flatten)]
+        election: ElectionArgs,
     },
     /// Run one outbox relay: move committed outbox events to Kafka or NATS JetStream.
     /// The database comes from PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE.
@@ -79,6 +83,79 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: std::path::PathBuf,
     },
+}
+
+/// Leader election of `servicedb operator` (see src/operator/leader.rs for the protocol).
+#[derive(Args)]
+struct ElectionArgs {
+    /// Elect a leader through a coordination.k8s.io Lease, so several replicas can run and only
+    /// one reconciles. `--leader-elect=false` only where exactly one process runs (local
+    /// development); the Lease's namespace is --leader-elect-namespace, else POD_NAMESPACE.
+    #[arg(
+        long = "leader-elect",
+        env = "SERVICEDB_LEADER_ELECT",
+        default_value_t = true,
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the operator's own namespace, POD_NAMESPACE).
+    #[arg(long, env = "SERVICEDB_LEADER_ELECT_NAMESPACE")]
+    leader_elect_namespace: Option<String>,
+    /// Name of the Lease. Operators sharing it elect one leader among them.
+    #[arg(long, env = "SERVICEDB_LEADER_ELECT_LEASE_NAME", default_value = servicedb::operator::leader::DEFAULT_LEASE_NAME)]
+    leader_elect_lease_name: String,
+    /// Seconds a standby waits after the last renewal it saw before taking over.
+    #[arg(
+        long,
+        env = "SERVICEDB_LEADER_ELECT_LEASE_DURATION",
+        default_value_t = 15
+    )]
+    leader_elect_lease_duration: u64,
+    /// Seconds a leader keeps reconciling without a successful renewal (< lease duration).
+    #[arg(
+        long,
+        env = "SERVICEDB_LEADER_ELECT_RENEW_DEADLINE",
+        default_value_t = 10
+    )]
+    leader_elect_renew_deadline: u64,
+    /// Seconds between renewals, and between a standby's looks at the Lease (< renew deadline).
+    #[arg(long, env = "SERVICEDB_LEADER_ELECT_RETRY_PERIOD", default_value_t = 2)]
+    leader_elect_retry_period: u64,
+}
+
+impl ElectionArgs {
+    /// The election's configuration, `None` when disabled; an error when it cannot be safe.
+    fn config(
+        self,
+        pod_namespace: Option<&str>,
+    ) -> anyhow::Result<Option<servicedb::operator::leader::ElectionConfig>> {
+        use std::time::Duration;
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let namespace = self
+            .leader_elect_namespace
+            .or_else(|| pod_namespace.map(str::to_owned))
+            .filter(|ns| !ns.is_empty())
+            .context(
+                "leader election needs the namespace of its Lease: set POD_NAMESPACE (the Helm \
+                 chart does) or --leader-elect-namespace, or run a single process with \
+                 --leader-elect=false",
+            )?;
+        let config = servicedb::operator::leader::ElectionConfig {
+            namespace,
+            lease_name: self.leader_elect_lease_name,
+            identity: servicedb::operator::leader::default_identity(),
+            lease_duration: Duration::from_secs(self.leader_elect_lease_duration),
+            renew_deadline: Duration::from_secs(self.leader_elect_renew_deadline),
+            retry_period: Duration::from_secs(self.leader_elect_retry_period),
+        };
+        config.validate().context("leader election settings")?;
+        Ok(Some(config))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,8 +178,10 @@ fn main() -> anyhow::Result<()> {
             allowed_images,
             allowed_preload_libraries,
             allowed_external_hosts,
+            election,
         } => {
             servicedb::telemetry::init();
+            let election = election.config(namespace.as_deref())?;
             let settings = servicedb::operator::Settings {
                 operator_namespace: namespace,
                 relay_image,
@@ -121,7 +200,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(run_operator(listen, settings))?;
+            runtime.block_on(run_operator(listen, settings, election))?;
         }
         Command::Relay { config } => {
             servicedb::telemetry::init();
@@ -138,6 +217,7 @@ fn main() -> anyhow::Result<()> {
 async fn run_operator(
     listen: std::net::SocketAddr,
     settings: servicedb::operator::Settings,
+    election: Option<servicedb::operator::leader::ElectionConfig>,
 ) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
@@ -145,12 +225,20 @@ async fn run_operator(
     servicedb::operator::check_crds(&client).await?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = servicedb::operator::metrics::OperatorMetrics::register(&mut registry);
+    let leader_metrics = servicedb::operator::leader::LeaderMetrics::register(&mut registry);
     let registry = std::sync::Arc::new(registry);
     let readiness = servicedb::http::Readiness::default();
+    let leadership = servicedb::http::Leadership::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let (addr, server) =
-        servicedb::http::bind(listen, registry, readiness.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let (addr, server) = servicedb::http::bind_with_leadership(
+        listen,
+        registry,
+        readiness.clone(),
+        Some(leadership.clone()),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /leader and /metrics");
     let server = tokio::spawn(server);
     readiness.set(true);
     let stop = shutdown.clone();
@@ -159,10 +247,29 @@ async fn run_operator(
         tracing::info!("shutting down");
         stop.cancel();
     });
-    let controllers_stop = shutdown.clone();
-    servicedb::operator::run(client, settings, metrics, async move {
-        controllers_stop.cancelled().await
-    })
+    let elector = election.map(|config| {
+        tracing::info!(
+            lease = %format!("{}/{}", config.namespace, config.lease_name),
+            identity = %config.identity,
+            lease_duration = ?config.lease_duration,
+            renew_deadline = ?config.renew_deadline,
+            retry_period = ?config.retry_period,
+            "leader election enabled"
+        );
+        servicedb::operator::leader::Elector::new(client.clone(), config, leader_metrics.clone())
+    });
+    if elector.is_none() {
+        tracing::warn!("leader election disabled: run exactly one operator process");
+    }
+    servicedb::operator::run_elected(
+        client,
+        settings,
+        metrics,
+        elector,
+        leader_metrics,
+        leadership,
+        shutdown.clone(),
+    )
     .await;
     shutdown.cancel();
     server.await.context("joining the HTTP server")??;

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::ResourceExt;
@@ -131,6 +133,29 @@ fn expected_crd_rule() -> Value {
     })
 }
 
+/// The one object of `kind` in `namespace`.
+fn one_in<'a>(objects: &'a [Value], kind: &str, namespace: &str) -> &'a Value {
+    let found: Vec<&Value> = find(objects, kind)
+        .into_iter()
+        .filter(|o| o["metadata"]["namespace"] == namespace)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} in {namespace}, got {}",
+        found.len()
+    );
+    found[0]
+}
+
+/// Leader election: create a Lease in the release namespace, read and renew only the named one.
+fn expected_lease_rules(lease: &str) -> Value {
+    json!([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease], "verbs": ["get", "update"]},
+    ])
+}
+
 fn env_of(container: &Value, name: &str) -> Option<Value> {
     container["env"]
         .as_array()?
@@ -180,6 +205,9 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount"
         ],
@@ -189,7 +217,26 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
     // The Deployment: non-root, read-only, no capabilities, seccomp, probes, downward API.
     let deployment = one(&objects, "Deployment");
     let pod = &deployment["spec"]["template"]["spec"];
-    assert_eq!(deployment["spec"]["replicas"], 1);
+    // HA by default: two replicas, one leader, rolled without ever dropping to zero.
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        deployment["spec"]["strategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+    );
+    assert_eq!(
+        pod["affinity"],
+        json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": {
+                    "app.kubernetes.io/name": "servicedb-operator",
+                    "app.kubernetes.io/instance": "sdb",
+                }},
+            },
+        }]}}),
+        "soft anti-affinity spreads the replicas over nodes"
+    );
     assert_eq!(pod["serviceAccountName"], "sdb-servicedb-operator");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["securityContext"]["runAsUser"], 65532);
@@ -267,6 +314,51 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
         env_of(c, "SERVICEDB_ALLOWED_EXTERNAL_HOSTS").context("external hosts")?["value"],
         ""
     );
+    for (name, value) in [
+        ("SERVICEDB_LEADER_ELECT", "true"),
+        (
+            "SERVICEDB_LEADER_ELECT_LEASE_NAME",
+            "sdb-servicedb-operator",
+        ),
+        ("SERVICEDB_LEADER_ELECT_LEASE_DURATION", "15"),
+        ("SERVICEDB_LEADER_ELECT_RENEW_DEADLINE", "10"),
+        ("SERVICEDB_LEADER_ELECT_RETRY_PERIOD", "2"),
+    ] {
+        assert_eq!(
+            env_of(c, name).with_context(|| name.to_owned())?["value"],
+            value,
+            "{name}"
+        );
+    }
+
+    // A drain always leaves one replica.
+    let pdb = one(&objects, "PodDisruptionBudget");
+    assert_eq!(pdb["metadata"]["namespace"], "servicedb-system");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        json!({"app.kubernetes.io/name": "servicedb-operator", "app.kubernetes.io/instance": "sdb"})
+    );
+
+    // The Lease: a Role in the release namespace only, bound to the operator.
+    let lease_role = one_in(&objects, "Role", "servicedb-system");
+    assert_eq!(
+        lease_role["metadata"]["name"],
+        "sdb-servicedb-operator-leader-election"
+    );
+    assert_eq!(
+        lease_role["rules"],
+        expected_lease_rules("sdb-servicedb-operator")
+    );
+    let lease_binding = one_in(&objects, "RoleBinding", "servicedb-system");
+    assert_eq!(
+        lease_binding["roleRef"]["name"],
+        lease_role["metadata"]["name"]
+    );
+    assert_eq!(
+        lease_binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "sdb-servicedb-operator", "namespace": "servicedb-system"}])
+    );
 
     let service = one(&objects, "Service");
     assert_eq!(service["spec"]["ports"][0]["name"], "http-metrics");
@@ -294,11 +386,9 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
         "resyncSeconds=1000000",
     ])
     .await?;
-    let role = one(&objects, "Role");
-    assert_eq!(role["metadata"]["namespace"], "shop");
+    let role = one_in(&objects, "Role", "shop");
     assert_eq!(role["rules"], Value::Array(expected_namespaced_rules()));
-    let binding = one(&objects, "RoleBinding");
-    assert_eq!(binding["metadata"]["namespace"], "shop");
+    let binding = one_in(&objects, "RoleBinding", "shop");
     assert_eq!(binding["subjects"][0]["namespace"], "servicedb-system");
     assert_eq!(
         one(&objects, "ClusterRole")["rules"],
@@ -320,6 +410,63 @@ async fn chart_lints_clean_and_renders_a_hardened_least_privilege_operator() -> 
     assert_eq!(
         env_of(c, "SERVICEDB_RESYNC_SECONDS").context("resync")?["value"],
         "1000000"
+    );
+
+    // The Lease stays in the release namespace whatever is watched.
+    assert_eq!(
+        one_in(&objects, "Role", "servicedb-system")["rules"],
+        expected_lease_rules("sdb-servicedb-operator")
+    );
+
+    // One replica without leader election: no Lease, no PodDisruptionBudget (it would block
+    // every drain), never two operators side by side.
+    let objects = render(&[
+        "--set",
+        "replicas=1",
+        "--set",
+        "leaderElection.enabled=false",
+    ])
+    .await?;
+    assert!(find(&objects, "PodDisruptionBudget").is_empty());
+    assert!(find(&objects, "Role").is_empty());
+    let deployment = one(&objects, "Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"], json!({"type": "Recreate"}));
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_of(c, "SERVICEDB_LEADER_ELECT").context("leader elect")?["value"],
+        "false"
+    );
+    assert!(env_of(c, "SERVICEDB_LEADER_ELECT_LEASE_NAME").is_none());
+    // ... and more replicas than one without it is refused.
+    let refused = render(&["--set", "leaderElection.enabled=false"]).await;
+    let err = format!(
+        "{:#}",
+        refused
+            .err()
+            .context("2 replicas without leader election rendered")?
+    );
+    assert!(err.contains("needs leaderElection.enabled=true"), "{err}");
+    // A lease name of one's own; a hard anti-affinity.
+    let objects = render(&[
+        "--set",
+        "leaderElection.leaseName=my-lease",
+        "--set",
+        "podAntiAffinity=hard",
+    ])
+    .await?;
+    assert_eq!(
+        one_in(&objects, "Role", "servicedb-system")["rules"],
+        expected_lease_rules("my-lease")
+    );
+    let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(
+        env_of(&pod["containers"][0], "SERVICEDB_LEADER_ELECT_LEASE_NAME").context("lease name")?["value"],
+        "my-lease"
+    );
+    assert_eq!(
+        pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"],
+        "kubernetes.io/hostname"
     );
 
     // Guard-rail values become the operator's flags (as their environment variables).
@@ -490,6 +637,10 @@ async fn helm_install_creates_a_restricted_pod_and_uninstall_removes_everything_
     Api::<ClusterRoleBinding>::all(client.clone())
         .get(&full)
         .await?;
+    let lease_role = format!("{full}-leader-election");
+    ns.api::<Role>().get(&lease_role).await?;
+    ns.api::<RoleBinding>().get(&lease_role).await?;
+    ns.api::<PodDisruptionBudget>().get(&full).await?;
 
     let selector = format!("app.kubernetes.io/instance={}", release.name);
     let pods = ns.api::<Pod>();
@@ -554,6 +705,16 @@ async fn helm_install_creates_a_restricted_pod_and_uninstall_removes_everything_
                     .ok()?
                     .is_none()
                 && Api::<ClusterRoleBinding>::all(client.clone())
+                    .get_opt(&full)
+                    .await
+                    .ok()?
+                    .is_none()
+                && Api::<Role>::namespaced(client.clone(), &ns_name)
+                    .get_opt(&format!("{full}-leader-election"))
+                    .await
+                    .ok()?
+                    .is_none()
+                && Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns_name)
                     .get_opt(&full)
                     .await
                     .ok()?
@@ -810,7 +971,24 @@ async fn operator_works_with_exactly_the_charts_rbac(namespace_scoped: bool) -> 
         log,
     )
     .await?;
-    let result = drive(&apps, &admin, &pod_name).await;
+    let result = async {
+        drive(&apps, &admin, &pod_name).await?;
+        // It reconciled as the leader: the chart's Lease in its own namespace names this pod.
+        let lease = Api::<Lease>::namespaced(admin.clone(), &system.name)
+            .get(&sa)
+            .await
+            .context("the chart's Lease")?;
+        let holder = lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default();
+        ensure!(
+            holder.starts_with(&format!("{pod_name}_")),
+            "Lease held by {holder:?}"
+        );
+        anyhow::Ok(())
+    }
+    .await;
     let log = operator.log_text();
     drop(operator);
     if result.is_err() {

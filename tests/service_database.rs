@@ -193,15 +193,30 @@ async fn passwords_survive_operator_restarts_and_resyncs_and_noop_resyncs_write_
     // Kill the operator hard and start a new one.
     op.kill().await?;
     let op2 = Operator::start(&ns.name).await?;
-    // Ten forced resyncs: each annotation change triggers a reconcile.
+    // Ten forced resyncs: each annotation change triggers a reconcile. The next change waits
+    // (bounded) until the operator has reconciled once more, so a slow machine does not
+    // coalesce them into fewer reconciles.
     for i in 0..10 {
+        let seen = op2
+            .counter_total("servicedb_operator_reconciles_total")
+            .await?;
         api.patch(
             "pw",
             &PatchParams::default(),
             &Patch::Merge(json!({"metadata": {"annotations": {"test/resync": i.to_string()}}})),
         )
         .await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = support::wait_until("a reconcile", Duration::from_secs(10), || {
+            let op2 = &op2;
+            async move {
+                let now = op2
+                    .counter_total("servicedb_operator_reconciles_total")
+                    .await
+                    .ok()?;
+                (now > seen).then_some(())
+            }
+        })
+        .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let reconciles = op2

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod apply;
 pub mod conditions;
 pub mod guard_rails;
+pub mod leader;
 pub mod metrics;
 pub mod outbox_relay;
 pub mod secret_guard;
@@ -428,4 +429,36 @@ fn outbox_relay_controller(
                 warn!(error = %e, "OutboxRelay reconcile failed");
             }
         })
+}
+
+/// Run both controllers until `shutdown` is cancelled. With an `elector`, only while this process
+/// holds the leader Lease: a standby waits, a leader that loses the Lease stops its controllers at
+/// once and stands by again (see [`leader::run_while_leading`]). Without one (leader election
+/// disabled), this process always leads.
+pub async fn run_elected(
+    client: Client,
+    settings: Settings,
+    metrics: metrics::OperatorMetrics,
+    elector: Option<leader::Elector>,
+    leader_metrics: leader::LeaderMetrics,
+    leadership: crate::http::Leadership,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(elector) = elector else {
+        leadership.set(true);
+        leader_metrics.leader.set(1);
+        run(client, settings, metrics, shutdown.cancelled_owned()).await;
+        leadership.set(false);
+        leader_metrics.leader.set(0);
+        return;
+    };
+    leader::run_while_leading(elector, leadership, leader_metrics, shutdown, move |stop| {
+        run(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+            stop.cancelled_owned(),
+        )
+    })
+    .await;
 }

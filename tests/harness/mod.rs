@@ -70,20 +70,47 @@ pub struct Operator {
     pub port: u16,
 }
 
+/// How [`Operator::start_with`] starts an operator process.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorOptions {
+    /// Take part in leader election on a Lease (the default name) in the watched namespace.
+    /// Off by default: [`Operator::start`] runs one process with `--leader-elect=false`.
+    pub leader_elect: bool,
+    /// `POD_NAME` of the process: the `reportingInstance` of its Events and the prefix of its
+    /// Lease identity. Also names its log file.
+    pub pod_name: Option<String>,
+    /// A kubeconfig to use instead of the test environment's (one through a [`Proxy`]).
+    pub kubeconfig: Option<PathBuf>,
+    /// Further command-line flags.
+    pub extra_args: Vec<String>,
+}
+
 impl Operator {
-    /// Start the operator binary against the test environment, scoped to `namespace`.
+    /// Start the operator binary against the test environment, scoped to `namespace`, with
+    /// leader election off (exactly one process).
     pub async fn start(namespace: &str) -> Result<Self> {
-        Self::start_with(namespace, &[]).await
+        Self::start_with_options(namespace, OperatorOptions::default()).await
     }
 
     /// [`Operator::start`] with extra command-line flags.
     pub async fn start_with(namespace: &str, extra_args: &[&str]) -> Result<Self> {
+        let options = OperatorOptions {
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..OperatorOptions::default()
+        };
+        Self::start_with_options(namespace, options).await
+    }
+
+    /// Start the operator binary scoped to `namespace`, as `options` say; returns once /readyz
+    /// answers (a standby is ready too: see [`Operator::is_leader`]).
+    pub async fn start_with_options(namespace: &str, options: OperatorOptions) -> Result<Self> {
         install_crds().await?;
         let env = support::env();
-        let log = env
-            .dir
-            .join("logs")
-            .join(format!("operator-{namespace}.log"));
+        let log_name = match &options.pod_name {
+            Some(pod) => format!("operator-{namespace}-{pod}.log"),
+            None => format!("operator-{namespace}.log"),
+        };
+        let log = env.dir.join("logs").join(log_name);
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -96,18 +123,27 @@ impl Operator {
         let mut command = tokio::process::Command::new(servicedb_bin());
         // Never outlive the test binary, even when it is killed.
         servicedb::devrunner::die_with_parent(&mut command);
+        command.args([
+            "operator",
+            "--listen",
+            &listen,
+            "--watch-namespace",
+            namespace,
+            "--resync-seconds",
+            "20",
+        ]);
+        if options.leader_elect {
+            command.args(["--leader-elect=true", "--leader-elect-namespace", namespace]);
+        } else {
+            command.arg("--leader-elect=false");
+        }
+        if let Some(pod) = &options.pod_name {
+            command.env("POD_NAME", pod);
+        }
+        let kubeconfig = options.kubeconfig.as_ref().unwrap_or(&env.kubeconfig);
         let child = command
-            .args([
-                "operator",
-                "--listen",
-                &listen,
-                "--watch-namespace",
-                namespace,
-                "--resync-seconds",
-                "20",
-            ])
-            .args(extra_args)
-            .env("KUBECONFIG", &env.kubeconfig)
+            .args(&options.extra_args)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .env(
                 "SERVICEDB_RELAY_IMAGE",
@@ -131,6 +167,45 @@ impl Operator {
         })
         .await?;
         Ok(operator)
+    }
+
+    /// Whether the process says it leads (`/leader` answers 200).
+    pub async fn is_leader(&self) -> bool {
+        servicedb::devrunner::probe(self.port, "/leader").await
+    }
+
+    /// The value of one metric line `name` (exactly that name, any labels summed) in /metrics;
+    /// 0 when absent. Unlike [`Operator::counter_total`], `servicedb_operator_leader` does not
+    /// also match `servicedb_operator_leader_acquired_total`.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let (code, body) = support::http_request(
+            "GET",
+            &format!("http://127.0.0.1:{}/metrics", self.port),
+            None,
+        )
+        .await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Send SIGTERM (what the kubelet does first) and wait up to `timeout` for the exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("the operator already exited")?;
+        let pid = i32::try_from(pid)?;
+        // SAFETY: kill(2) on a child this struct owns and has not reaped.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        anyhow::ensure!(rc == 0, "kill -TERM {pid} failed");
+        Ok(tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("the operator did not exit after SIGTERM")??)
     }
 
     /// The sum of a counter family in the operator's /metrics (0 when absent).
@@ -225,6 +300,42 @@ pub fn external_sdb(name: &str, service: &str, policy: &str) -> serde_json::Valu
             "deletionPolicy": policy,
         }
     })
+}
+
+/// A copy of the test environment's kubeconfig whose apiserver address is `127.0.0.1:port` (a
+/// [`Proxy`] in front of the apiserver), written into `dir`. TLS still verifies: the proxy
+/// forwards bytes, and the apiserver's certificate names 127.0.0.1.
+pub fn kubeconfig_through(port: u16, dir: &std::path::Path) -> Result<PathBuf> {
+    let env = support::env();
+    let mut kc = kube::config::Kubeconfig::read_from(&env.kubeconfig)?;
+    for named in &mut kc.clusters {
+        if let Some(cluster) = named.cluster.as_mut() {
+            let server = cluster
+                .server
+                .as_deref()
+                .context("a cluster without server")?;
+            let (scheme, _) = server
+                .split_once("://")
+                .context("a server without scheme")?;
+            cluster.server = Some(format!("{scheme}://127.0.0.1:{port}"));
+        }
+    }
+    let path = dir.join("kubeconfig-through-proxy");
+    std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+    Ok(path)
+}
+
+/// The `host:port` of the test environment's apiserver.
+pub fn apiserver_address() -> Result<String> {
+    let env = support::env();
+    let url = env.var("KUBE_APISERVER_URL");
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    anyhow::ensure!(
+        authority.contains(':'),
+        "no port in KUBE_APISERVER_URL {url}"
+    );
+    Ok(authority.to_owned())
 }
 
 /// Connect with a Secret's `uri` (what an application does).

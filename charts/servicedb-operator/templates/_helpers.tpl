@@ -51,6 +51,11 @@ app.kubernetes.io/part-of: servicedb
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The leader election Lease: leaderElection.leaseName, else the full name. */}}
+{{- define "servicedb-operator.leaseName" -}}
+{{- default (include "servicedb-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
 {{- define "servicedb-operator.relayImage" -}}
 {{- default (include "servicedb-operator.image" .) .Values.relayImage }}
 {{- end }}
