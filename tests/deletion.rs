@@ -121,7 +121,7 @@ async fn deleting_the_namespace_drops_the_database_roles_and_relay_slot_within_a
     let api = ns.api::<ServiceDatabase>();
     wait_condition(&api, "shop", "Ready", "True", support::TIMEOUT).await?;
     create_logical_relay(&ns, "events", "shop", false).await?;
-    let slot = servicedb::specs::relay::slot_name(&ns.name, "events");
+    let slot = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "events");
     create_relay_slot(&service, &slot).await?;
 
     // The admin Secret is held for the ServiceDatabase's cleanup.
@@ -180,8 +180,8 @@ async fn a_slot_left_behind_by_a_deleted_relay_is_dropped_by_its_database() -> R
     // `kept` still exists; `gone` is deleted with skip-cleanup, so its slot stays behind.
     create_logical_relay(&ns, "kept", "shop", false).await?;
     create_logical_relay(&ns, "gone", "shop", true).await?;
-    let kept = servicedb::specs::relay::slot_name(&ns.name, "kept");
-    let gone = servicedb::specs::relay::slot_name(&ns.name, "gone");
+    let kept = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "kept");
+    let gone = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "gone");
     create_relay_slot(&service, &kept).await?;
     create_relay_slot(&service, &gone).await?;
     ns.api::<OutboxRelay>()

@@ -75,9 +75,7 @@ impl SlotError {
     }
 }
 
-/// The prefix of every replication slot an OutboxRelay creates (see
-/// `crate::specs::relay::slot_name`): the operator recognises its relays' slots by it.
-pub const RELAY_SLOT_PREFIX: &str = "obr_";
+pub use super::identifiers::RELAY_SLOT_PREFIX;
 
 /// Names of the logical replication slots on the server: in `database` only, or in every
 /// database when `None` (a managed instance may lower `wal_level` only when there is none).
