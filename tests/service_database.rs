@@ -1126,6 +1126,8 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
             );
         }
     }
+    Ok(())
+}
 
 #[tokio::test]
 async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_the_ca() -> Result<()>
@@ -1252,6 +1254,103 @@ async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_t
     ensure!(
         pg.psql("SELECT count(*) FROM pg_database WHERE datname = 'ledger'")? == "0",
         "a database was created on an unverified server: {text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_child_edited_by_hand_is_restored_and_settled_children_are_not_reapplied() -> Result<()> {
+    let ns = support::TestNamespace::new("sdb-handedit").await?;
+    let op = Operator::start(&ns.name).await?;
+    let obj = json!({
+        "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "owner": {"service": "shop"},
+            "instance": {"managed": {"version": 17, "storage": {"size": "1Gi"}}},
+            "outbox": {"table": "outbox"},
+        }
+    });
+    create(&ns, obj).await?;
+    let (policies, maps) = (ns.api::<NetworkPolicy>(), ns.api::<ConfigMap>());
+    let ingress = |np: &NetworkPolicy| np.spec.as_ref().and_then(|s| s.ingress.clone());
+    let hba = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("pg_hba.conf").cloned());
+    let applied_policy = support::wait_until("the NetworkPolicy", support::TIMEOUT, || {
+        let policies = policies.clone();
+        async move { policies.get_opt("shop-db").await.ok().flatten() }
+    })
+    .await?;
+    let applied_hba = hba(&maps.get("shop-db-config").await?);
+    ensure!(
+        ingress(&applied_policy).is_some_and(|rules| !rules.is_empty()),
+        "no ingress rules to strip"
+    );
+    ensure!(applied_hba.is_some(), "no pg_hba.conf to edit");
+
+    // Someone strips the policy's rules (the instance is now unreachable for its owner) and
+    // opens pg_hba.conf to everyone, with kubectl-style patches under their own field manager.
+    let by_hand = PatchParams {
+        field_manager: Some("kubectl-edit".to_owned()),
+        ..PatchParams::default()
+    };
+    policies
+        .patch(
+            "shop-db",
+            &by_hand,
+            &Patch::Merge(json!({"spec": {"ingress": []}})),
+        )
+        .await?;
+    maps.patch(
+        "shop-db-config",
+        &by_hand,
+        &Patch::Merge(json!({"data": {"pg_hba.conf": "host all all 0.0.0.0/0 trust\n"}})),
+    )
+    .await?;
+
+    support::wait_until(
+        "the operator to restore the NetworkPolicy and the ConfigMap",
+        support::TIMEOUT,
+        || {
+            let (policies, maps) = (policies.clone(), maps.clone());
+            let (want_rules, want_hba) = (ingress(&applied_policy), applied_hba.clone());
+            async move {
+                let np = policies.get("shop-db").await.ok()?;
+                let cm = maps.get("shop-db-config").await.ok()?;
+                (ingress(&np) == want_rules && hba(&cm) == want_hba).then_some(())
+            }
+        },
+    )
+    .await?;
+    let repairs = op
+        .counter_total("servicedb_operator_drift_repairs_total")
+        .await?;
+    assert!(
+        repairs >= 2.0,
+        "the restore was not counted as drift repairs: {repairs}"
+    );
+
+    // Settled children are compared, not re-sent: forced resyncs repair nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = op
+        .counter_total("servicedb_operator_drift_repairs_total")
+        .await?;
+    let api = ns.api::<ServiceDatabase>();
+    for i in 0..3 {
+        api.patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/resync": i.to_string()}}})),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        op.counter_total("servicedb_operator_drift_repairs_total")
+            .await?,
+        settled,
+        "unchanged children were re-applied as drift; operator log:\n{}",
+        op.log_text()
     );
     Ok(())
 }
