@@ -20,9 +20,8 @@ use servicedb::postgres::identifiers::{
 use servicedb::postgres::inspect::inspect;
 use servicedb::postgres::ownership::{ObjectKind, OwnerMark};
 use servicedb::postgres::passwords::{Password, PersistedPassword};
-use servicedb::postgres::provision::{
-    CdcPlan, DatabasePlan, ProvisionError, RolePlan, provision, set_role_password,
-};
+use servicedb::postgres::plan::{CdcPlan, DatabasePlan, RolePlan};
+use servicedb::postgres::provision::{ProvisionError, provision, set_role_password};
 use servicedb::postgres::slots::drop_slot;
 use tokio_postgres::Client;
 

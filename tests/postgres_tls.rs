@@ -306,6 +306,7 @@ async fn a_server_with_the_rendered_managed_instance_tls_serves_what_operator_an
         logical_decoding: false,
         owner_pods: instance::default_owner_selector("orders"),
         operator_namespace: None,
+        cdc: None,
         config_checksum: String::new(),
     };
     let now = jiff::Timestamp::now();
