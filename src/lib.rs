@@ -1,7 +1,6 @@
 //! servicedb-operator: database-per-service for Kubernetes (the library behind the `servicedb` binary).
 
 pub mod api;
-pub mod devrunner;
 pub mod http;
 pub mod metrics;
 pub mod operator;

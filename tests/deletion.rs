@@ -4,7 +4,6 @@
 //! (leaving the data); a managed instance keeps `wal_level=logical` while a slot may remain.
 //! Against the real control plane and Postgres.
 
-mod harness;
 mod support;
 
 use std::time::Duration;
@@ -17,7 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use servicedb::api::{OutboxRelay, ServiceDatabase};
 
-use harness::{Operator, create_admin_secret, external_sdb, wait_condition};
+use support::harness::{Operator, create_admin_secret, external_sdb, wait_condition};
 
 async fn create_sdb(ns: &support::TestNamespace, obj: serde_json::Value) -> Result<()> {
     let sdb: ServiceDatabase = serde_json::from_value(obj)?;

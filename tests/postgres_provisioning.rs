@@ -5,8 +5,7 @@
 //! `target/testenv/env` (written by `hack/testenv.sh up`). Each test uses its own database and
 //! roles with a random suffix, so tests run in parallel on one server, and drops them at the end.
 
-mod relay_common;
-mod tls_common;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -920,15 +919,15 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let (base, ca) = match env_ca {
         Some(ca) if ssl == "on" => (superuser(), ca),
         _ => {
-            let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"]).unwrap();
-            let mut spec = tls_common::ServerSpec::tls(cert);
+            let (ca, cert) = support::tls::ca_and_server_cert(&["127.0.0.1"]).unwrap();
+            let mut spec = support::tls::ServerSpec::tls(cert);
             spec.hba = "host all all 127.0.0.1/32 scram-sha-256\n".into();
-            let pg = tls_common::TlsServer::start(spec).unwrap();
+            let pg = support::tls::TlsServer::start(spec).unwrap();
             let mut p = ConnectParams::new(
                 "127.0.0.1",
                 pg.port,
                 "postgres",
-                Password::from_plaintext(tls_common::PASSWORD),
+                Password::from_plaintext(support::tls::PASSWORD),
                 "postgres",
             );
             p.connect_timeout = TIMEOUT;

@@ -2,10 +2,7 @@
 //! with least privilege; passwords survive restarts; deletion policies; outages; managed mode's
 //! children, readiness and garbage collection.
 
-mod harness;
-mod relay_common;
 mod support;
-mod tls_common;
 
 use std::time::Duration;
 
@@ -19,7 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use servicedb::api::ServiceDatabase;
 
-use harness::{
+use support::harness::{
     Operator, connect_uri, create_admin_secret, external_sdb, secret_string, wait_condition,
 };
 
@@ -360,7 +357,7 @@ async fn a_stopped_server_turns_degraded_and_ready_again_once_back() -> Result<(
     let _op = Operator::start(&ns.name).await?;
     create_admin_secret(&ns, "pg-admin").await?;
     let e = support::env();
-    let mut proxy = harness::Proxy::start(&format!("{}:{}", e.pg_host, e.pg_port)).await?;
+    let mut proxy = support::harness::Proxy::start(&format!("{}:{}", e.pg_host, e.pg_port)).await?;
     proxy.stop();
     let service = format!("down-{}", support::random_suffix());
     let mut obj = external_sdb("down", &service, "Delete");
@@ -1133,14 +1130,14 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
 async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_the_ca() -> Result<()>
 {
     // A throwaway TLS Postgres (hostssl + scram only) whose certificate a private CA signed.
-    let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"])?;
-    let pg = tls_common::TlsServer::start(tls_common::ServerSpec::tls(cert))?;
+    let (ca, cert) = support::tls::ca_and_server_cert(&["127.0.0.1"])?;
+    let pg = support::tls::TlsServer::start(support::tls::ServerSpec::tls(cert))?;
     let ns = support::TestNamespace::new("sdb-tls").await?;
     let _op = Operator::start(&ns.name).await?;
     for (name, data) in [
         (
             "pg-admin",
-            json!({"username": "postgres", "password": tls_common::PASSWORD}),
+            json!({"username": "postgres", "password": support::tls::PASSWORD}),
         ),
         ("pg-ca", json!({"ca.crt": ca.cert_pem})),
     ] {

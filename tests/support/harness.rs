@@ -1,6 +1,5 @@
 //! Operator test harness: CRDs installed once, a namespace-scoped operator process per test, and
-//! waits on conditions (Kubernetes and process I/O). Builds on `tests/support`.
-#![allow(dead_code)]
+//! waits on conditions (Kubernetes and process I/O). Builds on the rest of `tests/support`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,14 +13,12 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
-use crate::support;
-
 /// Install both CRDs (server-side apply) and wait until the apiserver serves them. Once per test
 /// binary; idempotent across binaries.
 pub async fn install_crds() -> Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
     DONE.get_or_try_init(|| async {
-        let client = support::kube_client().await?;
+        let client = super::kube_client().await?;
         let api: Api<CustomResourceDefinition> = Api::all(client);
         for crd in servicedb::api::crds() {
             let name = crd.name_any();
@@ -31,7 +28,7 @@ pub async fn install_crds() -> Result<()> {
                 &Patch::Apply(&crd),
             )
             .await?;
-            support::wait_until(&format!("CRD {name} established"), support::TIMEOUT, || {
+            super::wait_until(&format!("CRD {name} established"), super::TIMEOUT, || {
                 let api = api.clone();
                 let name = name.clone();
                 async move {
@@ -79,7 +76,7 @@ impl Operator {
     /// [`Operator::start`] with extra command-line flags.
     pub async fn start_with(namespace: &str, extra_args: &[&str]) -> Result<Self> {
         install_crds().await?;
-        let env = support::env();
+        let env = super::env();
         let log = env
             .dir
             .join("logs")
@@ -88,14 +85,11 @@ impl Operator {
             .create(true)
             .append(true)
             .open(&log)?;
-        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await?
-            .local_addr()?
-            .port();
+        let port = super::free_port()?;
         let listen = format!("127.0.0.1:{port}");
         let mut command = tokio::process::Command::new(servicedb_bin());
         // Never outlive the test binary, even when it is killed.
-        servicedb::devrunner::die_with_parent(&mut command);
+        super::die_with_parent(&mut command);
         let child = command
             .args([
                 "operator",
@@ -124,10 +118,10 @@ impl Operator {
             namespace: namespace.to_owned(),
             port,
         };
-        support::wait_until("the operator's /readyz", support::TIMEOUT, || async {
-            servicedb::devrunner::probe(port, "/readyz")
+        super::wait_until("the operator's /readyz", super::TIMEOUT, || async {
+            super::http_get(port, "/readyz")
                 .await
-                .then_some(())
+                .is_ok_and(|(code, _)| code == 200)
         })
         .await?;
         Ok(operator)
@@ -135,12 +129,7 @@ impl Operator {
 
     /// The sum of a counter family in the operator's /metrics (0 when absent).
     pub async fn counter_total(&self, name: &str) -> Result<f64> {
-        let (code, body) = support::http_request(
-            "GET",
-            &format!("http://127.0.0.1:{}/metrics", self.port),
-            None,
-        )
-        .await?;
+        let (code, body) = super::http_get(self.port, "/metrics").await?;
         anyhow::ensure!(code == 200, "/metrics answered {code}");
         Ok(body
             .lines()
@@ -172,7 +161,7 @@ pub async fn wait_condition<K>(
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + serde::Serialize,
 {
-    support::wait_until(&format!("{name} {type_}={status}"), timeout, || {
+    super::wait_until(&format!("{name} {type_}={status}"), timeout, || {
         let api = api.clone();
         async move {
             let obj = api.get(name).await.ok()?;
@@ -198,8 +187,8 @@ pub fn secret_string(secret: &Secret, key: &str) -> Result<String> {
 }
 
 /// Create the `pg-admin` Secret pointing at the test Postgres superuser.
-pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Result<()> {
-    let env = support::env();
+pub async fn create_admin_secret(ns: &super::TestNamespace, name: &str) -> Result<()> {
+    let env = super::env();
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "stringData": {"username": env.pg_user, "password": env.pg_password}
@@ -213,7 +202,7 @@ pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Res
 /// An external ServiceDatabase on the test Postgres, as JSON, for `service` (role names derive
 /// from it, and roles are server-wide, so tests use unique services).
 pub fn external_sdb(name: &str, service: &str, policy: &str) -> serde_json::Value {
-    let env = support::env();
+    let env = super::env();
     serde_json::json!({
         "apiVersion": "servicedb.io/v1alpha1",
         "kind": "ServiceDatabase",
@@ -281,9 +270,9 @@ impl Proxy {
 
     /// Listen again on the same port.
     pub async fn resume(&mut self) -> Result<()> {
-        let listener = support::wait_until(
+        let listener = super::wait_until(
             "the proxy port to be free again",
-            support::TIMEOUT,
+            super::TIMEOUT,
             || async {
                 tokio::net::TcpListener::bind(("127.0.0.1", self.port))
                     .await
@@ -311,7 +300,7 @@ pub struct RelayRunner {
 impl RelayRunner {
     /// Start the runner for `namespace`.
     pub async fn start(namespace: &str) -> Result<Self> {
-        let env = support::env();
+        let env = super::env();
         let work = env.dir.join("dev-relays").join(namespace);
         std::fs::create_dir_all(&work)?;
         let log =
