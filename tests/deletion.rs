@@ -231,9 +231,7 @@ async fn a_cleanup_that_cannot_succeed_gives_up_after_the_timeout_and_keeps_the_
     wait_condition(&api, "shop", "Ready", "True", support::TIMEOUT).await?;
 
     // The server becomes unreachable (a closed port), then the object is deleted.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let closed = support::free_port()?;
     api.patch(
         "shop",
         &PatchParams::default(),

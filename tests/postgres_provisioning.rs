@@ -872,9 +872,7 @@ async fn connection_failures_are_told_apart() {
     );
 
     // A port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    let port = support::free_port().unwrap();
     let mut p = superuser();
     p.host = "127.0.0.1".to_owned();
     p.port = port;

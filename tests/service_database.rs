@@ -1065,10 +1065,7 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
     let _op = Operator::start(&ns.name).await?;
     create_admin_secret(&ns, "pg-admin").await?;
     // A closed port, and a port where something that is not Postgres answers with a banner.
-    let closed = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        l.local_addr()?.port()
-    };
+    let closed = support::free_port()?;
     let banner = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let banner_port = banner.local_addr()?.port();
     tokio::spawn(async move {
