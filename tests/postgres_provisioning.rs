@@ -2,7 +2,8 @@
 //! the role and trying.
 //!
 //! The server comes from PGHOST/PGPORT/PGUSER/PGPASSWORD (a superuser), or from
-//! `target/testenv/env` (written by `hack/testenv.sh up`). Each test uses its own database and
+//! the test environment's env file (`$SERVICEDB_TESTENV_DIR/env`, default `target/testenv/env`,
+//! written by `hack/testenv.sh up`). Each test uses its own database and
 //! roles with a random suffix, so tests run in parallel on one server, and drops them at the end.
 
 mod support;
@@ -35,22 +36,17 @@ struct Server {
 }
 
 fn server() -> Server {
-    let mut vars: HashMap<String, String> = HashMap::new();
-    if std::env::var("PGHOST").is_err() {
-        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/target/testenv/env");
-        let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
-            panic!("set PGHOST/PGPORT/PGUSER/PGPASSWORD or run hack/testenv.sh up ({file}: {e})")
-        });
-        for line in text.lines() {
-            let line = line.trim().trim_start_matches("export ").trim();
-            if let Some((k, v)) = line.split_once('=') {
-                vars.insert(
-                    k.to_owned(),
-                    v.trim_matches(|c| c == '\'' || c == '"').to_owned(),
-                );
-            }
-        }
-    }
+    // The shared environment's env file (`SERVICEDB_TESTENV_DIR` honoured), unless PG* is set.
+    let vars: HashMap<String, String> = if std::env::var("PGHOST").is_err() {
+        support::testenv_vars_if_up().unwrap_or_else(|| {
+            panic!(
+                "set PGHOST/PGPORT/PGUSER/PGPASSWORD or run hack/testenv.sh up (no env file in {})",
+                support::testenv_dir().display()
+            )
+        })
+    } else {
+        HashMap::new()
+    };
     let get = |k: &str| std::env::var(k).ok().or_else(|| vars.get(k).cloned());
     Server {
         host: get("PGHOST").unwrap_or_else(|| "127.0.0.1".to_owned()),
@@ -891,19 +887,11 @@ async fn connection_failures_are_told_apart() {
     assert_eq!(e.category(), "ConnectTimeout", "{e}");
 }
 
-/// A variable of the test environment: the process environment, else `target/testenv/env`.
+/// A variable of the test environment: the process environment, else the environment's env file.
 fn testenv_var(key: &str) -> Option<String> {
-    if let Ok(v) = std::env::var(key) {
-        return Some(v);
-    }
-    let dir = std::env::var("SERVICEDB_TESTENV_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/testenv").to_owned());
-    let text = std::fs::read_to_string(format!("{dir}/env")).ok()?;
-    text.lines().find_map(|line| {
-        let line = line.trim().trim_start_matches("export ").trim();
-        let (k, v) = line.split_once('=')?;
-        (k == key).then(|| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
-    })
+    std::env::var(key)
+        .ok()
+        .or_else(|| support::testenv_vars_if_up()?.remove(key))
 }
 
 #[tokio::test]
