@@ -5,7 +5,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/servicedb/cargo-target
 export CARGO_TARGET_DIR
 SERVICEDB := $(CARGO_TARGET_DIR)/debug/servicedb
 
-.PHONY: help build test lint fmt crds crds-check dev dev-down bench-relay
+.PHONY: help build test lint fmt crds crds-check dev dev-down
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -24,8 +24,18 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## format the code
 	cargo fmt --all
 
-crds: build ## regenerate crds/ from the API types
+# The CRDs are committed twice: crds/ (kubectl users) and the chart's crds/ (Helm installs
+# them from there). One target writes both so they cannot drift apart.
+CRD_FILES := crds/servicedb.io_crds.yaml charts/servicedb-operator/crds/servicedb.io_crds.yaml
+
+crds: build ## regenerate crds/ and the chart's copy from the API types
 	$(SERVICEDB) crd > crds/servicedb.io_crds.yaml
+	cp crds/servicedb.io_crds.yaml charts/servicedb-operator/crds/servicedb.io_crds.yaml
+
+crds-check: build ## fail when crds/ or the chart's copy differ from `servicedb crd`
+	@set -e; for f in $(CRD_FILES); do \
+	  $(SERVICEDB) crd | diff -u $$f - >/dev/null || { echo "$$f is stale: run make crds" >&2; exit 1; }; \
+	done; echo "CRDs are up to date: $(CRD_FILES)"
 
 dev: ## local control plane + operator + the examples, doing real work (Ctrl-C to stop)
 	bash hack/dev.sh
@@ -33,7 +43,5 @@ dev: ## local control plane + operator + the examples, doing real work (Ctrl-C t
 dev-down: ## stop what `make dev` left running and the test environment
 	bash hack/testenv.sh down
 
-bench-relay: ## relay throughput, latency and RSS against real Postgres, Kafka and NATS
-	bash hack/bench-relay.sh
-
 include hack/Makefile.testenv.mk
+include hack/bench-relay.mk

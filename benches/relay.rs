@@ -12,15 +12,16 @@
 //! The insert ceiling (16 clients, single-event transactions, no relay) is measured first in
 //! the same run. Nothing here asserts on speed.
 
-#[path = "../tests/relay_common/mod.rs"]
-mod relay_common;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use relay_common::*;
+use support::relay::*;
+use support::{kafka_create_topic, wait_until};
 
 const CLIENTS: usize = 16;
 const AGGREGATES: usize = 1000;

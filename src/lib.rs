@@ -2,7 +2,6 @@
 
 pub mod api;
 pub mod cdc;
-pub mod devrunner;
 pub mod http;
 pub mod metrics;
 pub mod operator;

@@ -1,8 +1,9 @@
 //! Admission against a real kube-apiserver: the CRDs install, every example applies with
 //! server-side apply, and the schema and CEL rules reject bad specs with readable messages.
 
-mod harness;
 mod support;
+
+use support::harness;
 
 use anyhow::Result;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};

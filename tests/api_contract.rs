@@ -17,6 +17,15 @@ fn committed_crds_match_what_servicedb_crd_prints() {
         committed == generated,
         "crds/ is stale: run `make crds` and commit the result"
     );
+    // Helm installs the CRDs from the chart's own copy; `make crds` writes both.
+    let chart = std::fs::read_to_string(
+        repo().join("charts/servicedb-operator/crds/servicedb.io_crds.yaml"),
+    )
+    .expect("read the chart's crds/");
+    assert!(
+        chart == generated,
+        "charts/servicedb-operator/crds/ is stale: run `make crds` and commit the result"
+    );
 }
 
 #[test]

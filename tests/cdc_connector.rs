@@ -10,8 +10,9 @@
 //! worker on the shared Kafka with `hack/testenv.sh connect-worker` (same worker properties as
 //! the shared one, its own group and storage topics), which dies with the test binary.
 
-mod harness;
 mod support;
+
+use support::harness;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -378,7 +379,7 @@ async fn grant_connect_access(ns: &TestNamespace, secret: &str) -> Result<()> {
 async fn read_whole_topic(topic: &str) -> Result<Vec<Option<Vec<u8>>>> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let consumer: StreamConsumer = support::kafka_client_config()
+    let consumer: StreamConsumer = support::kafka_client_config(&env().kafka_bootstrap_servers)
         .set("group.id", format!("servicedb-test-{}", random_suffix()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -412,7 +413,7 @@ async fn read_whole_topic(topic: &str) -> Result<Vec<Option<Vec<u8>>>> {
 
 fn topics_with_prefix(prefix: &str) -> Result<Vec<String>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = support::kafka_client_config().create()?;
+    let consumer: BaseConsumer = support::kafka_client_config(&env().kafka_bootstrap_servers).create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(30))?;
     Ok(metadata
         .topics()

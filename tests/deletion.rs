@@ -4,7 +4,6 @@
 //! (leaving the data); a managed instance keeps `wal_level=logical` while a slot may remain.
 //! Against the real control plane and Postgres.
 
-mod harness;
 mod support;
 
 use std::time::Duration;
@@ -17,7 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use servicedb::api::{OutboxRelay, ServiceDatabase};
 
-use harness::{Operator, create_admin_secret, external_sdb, wait_condition};
+use support::harness::{Operator, create_admin_secret, external_sdb, wait_condition};
 
 async fn create_sdb(ns: &support::TestNamespace, obj: serde_json::Value) -> Result<()> {
     let sdb: ServiceDatabase = serde_json::from_value(obj)?;
@@ -121,7 +120,7 @@ async fn deleting_the_namespace_drops_the_database_roles_and_relay_slot_within_a
     let api = ns.api::<ServiceDatabase>();
     wait_condition(&api, "shop", "Ready", "True", support::TIMEOUT).await?;
     create_logical_relay(&ns, "events", "shop", false).await?;
-    let slot = servicedb::specs::relay::slot_name(&ns.name, "events");
+    let slot = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "events");
     create_relay_slot(&service, &slot).await?;
 
     // The admin Secret is held for the ServiceDatabase's cleanup.
@@ -180,8 +179,8 @@ async fn a_slot_left_behind_by_a_deleted_relay_is_dropped_by_its_database() -> R
     // `kept` still exists; `gone` is deleted with skip-cleanup, so its slot stays behind.
     create_logical_relay(&ns, "kept", "shop", false).await?;
     create_logical_relay(&ns, "gone", "shop", true).await?;
-    let kept = servicedb::specs::relay::slot_name(&ns.name, "kept");
-    let gone = servicedb::specs::relay::slot_name(&ns.name, "gone");
+    let kept = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "kept");
+    let gone = servicedb::postgres::identifiers::relay_slot_name(&ns.name, "gone");
     create_relay_slot(&service, &kept).await?;
     create_relay_slot(&service, &gone).await?;
     ns.api::<OutboxRelay>()
@@ -232,9 +231,7 @@ async fn a_cleanup_that_cannot_succeed_gives_up_after_the_timeout_and_keeps_the_
     wait_condition(&api, "shop", "Ready", "True", support::TIMEOUT).await?;
 
     // The server becomes unreachable (a closed port), then the object is deleted.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let closed = support::free_port()?;
     api.patch(
         "shop",
         &PatchParams::default(),

@@ -4,8 +4,9 @@
 //! TokenRequest API, no admin credentials), reconciles a ServiceDatabase to Ready and gives an
 //! OutboxRelay its Deployment, while that identity is refused everything outside the role.
 
-mod harness;
 mod support;
+
+use support::harness;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

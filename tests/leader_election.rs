@@ -7,8 +7,9 @@
 //! Evidence is read from each process's own /metrics (API writes and reconciles, which count
 //! per process) on its own listen port, from the Lease, and from the Events' reporting instance.
 
-mod harness;
 mod support;
+
+use support::harness;
 
 use std::time::{Duration, Instant, SystemTime};
 

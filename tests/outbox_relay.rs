@@ -2,7 +2,6 @@
 //! ServiceAccount wired to the ServiceDatabase; running exactly what the Deployment says moves
 //! outbox rows to Kafka and NATS; a Logical relay's slot goes with it; a missing database waits.
 
-mod harness;
 mod support;
 
 use std::time::Duration;
@@ -15,7 +14,7 @@ use kube::api::{DeleteParams, PostParams};
 use serde_json::json;
 use servicedb::api::{OutboxRelay, ServiceDatabase};
 
-use harness::{
+use support::harness::{
     Operator, RelayRunner, connect_uri, create_admin_secret, external_sdb, secret_string,
     wait_condition,
 };

@@ -2,11 +2,11 @@
 //! the role and trying.
 //!
 //! The server comes from PGHOST/PGPORT/PGUSER/PGPASSWORD (a superuser), or from
-//! `target/testenv/env` (written by `hack/testenv.sh up`). Each test uses its own database and
+//! the test environment's env file (`$SERVICEDB_TESTENV_DIR/env`, default `target/testenv/env`,
+//! written by `hack/testenv.sh up`). Each test uses its own database and
 //! roles with a random suffix, so tests run in parallel on one server, and drops them at the end.
 
-mod relay_common;
-mod tls_common;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,9 +20,8 @@ use servicedb::postgres::identifiers::{
 use servicedb::postgres::inspect::inspect;
 use servicedb::postgres::ownership::{ObjectKind, OwnerMark};
 use servicedb::postgres::passwords::{Password, PersistedPassword};
-use servicedb::postgres::provision::{
-    CdcPlan, DatabasePlan, ProvisionError, RolePlan, provision, set_role_password,
-};
+use servicedb::postgres::plan::{CdcPlan, DatabasePlan, RolePlan};
+use servicedb::postgres::provision::{ProvisionError, provision, set_role_password};
 use servicedb::postgres::slots::drop_slot;
 use tokio_postgres::Client;
 
@@ -37,22 +36,17 @@ struct Server {
 }
 
 fn server() -> Server {
-    let mut vars: HashMap<String, String> = HashMap::new();
-    if std::env::var("PGHOST").is_err() {
-        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/target/testenv/env");
-        let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
-            panic!("set PGHOST/PGPORT/PGUSER/PGPASSWORD or run hack/testenv.sh up ({file}: {e})")
-        });
-        for line in text.lines() {
-            let line = line.trim().trim_start_matches("export ").trim();
-            if let Some((k, v)) = line.split_once('=') {
-                vars.insert(
-                    k.to_owned(),
-                    v.trim_matches(|c| c == '\'' || c == '"').to_owned(),
-                );
-            }
-        }
-    }
+    // The shared environment's env file (`SERVICEDB_TESTENV_DIR` honoured), unless PG* is set.
+    let vars: HashMap<String, String> = if std::env::var("PGHOST").is_err() {
+        support::testenv_vars_if_up().unwrap_or_else(|| {
+            panic!(
+                "set PGHOST/PGPORT/PGUSER/PGPASSWORD or run hack/testenv.sh up (no env file in {})",
+                support::testenv_dir().display()
+            )
+        })
+    } else {
+        HashMap::new()
+    };
     let get = |k: &str| std::env::var(k).ok().or_else(|| vars.get(k).cloned());
     Server {
         host: get("PGHOST").unwrap_or_else(|| "127.0.0.1".to_owned()),
@@ -874,9 +868,7 @@ async fn connection_failures_are_told_apart() {
     );
 
     // A port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    let port = support::free_port().unwrap();
     let mut p = superuser();
     p.host = "127.0.0.1".to_owned();
     p.port = port;
@@ -895,19 +887,11 @@ async fn connection_failures_are_told_apart() {
     assert_eq!(e.category(), "ConnectTimeout", "{e}");
 }
 
-/// A variable of the test environment: the process environment, else `target/testenv/env`.
+/// A variable of the test environment: the process environment, else the environment's env file.
 fn testenv_var(key: &str) -> Option<String> {
-    if let Ok(v) = std::env::var(key) {
-        return Some(v);
-    }
-    let dir = std::env::var("SERVICEDB_TESTENV_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/testenv").to_owned());
-    let text = std::fs::read_to_string(format!("{dir}/env")).ok()?;
-    text.lines().find_map(|line| {
-        let line = line.trim().trim_start_matches("export ").trim();
-        let (k, v) = line.split_once('=')?;
-        (k == key).then(|| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
-    })
+    std::env::var(key)
+        .ok()
+        .or_else(|| support::testenv_vars_if_up()?.remove(key))
 }
 
 #[tokio::test]
@@ -921,15 +905,15 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let (base, ca) = match env_ca {
         Some(ca) if ssl == "on" => (superuser(), ca),
         _ => {
-            let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"]).unwrap();
-            let mut spec = tls_common::ServerSpec::tls(cert);
+            let (ca, cert) = support::tls::ca_and_server_cert(&["127.0.0.1"]).unwrap();
+            let mut spec = support::tls::ServerSpec::tls(cert);
             spec.hba = "host all all 127.0.0.1/32 scram-sha-256\n".into();
-            let pg = tls_common::TlsServer::start(spec).unwrap();
+            let pg = support::tls::TlsServer::start(spec).unwrap();
             let mut p = ConnectParams::new(
                 "127.0.0.1",
                 pg.port,
                 "postgres",
-                Password::from_plaintext(tls_common::PASSWORD),
+                Password::from_plaintext(support::tls::PASSWORD),
                 "postgres",
             );
             p.connect_timeout = TIMEOUT;

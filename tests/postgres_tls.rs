@@ -1,7 +1,6 @@
 //! TLS against real Postgres 15 servers with a private CA: the operator's `connect()` and the relay's connection code verify as libpq does, require channel binding, refuse cleartext and MD5 password requests; and a server started with exactly the settings, pg_hba and certificate files a managed instance renders serves TLS that both verify (process and network I/O).
 
-mod relay_common;
-mod tls_common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,7 +13,7 @@ use servicedb::specs::instance::{self, InstanceParams, TLS_FILE_MODE, TLS_MOUNT}
 use servicedb::specs::tls::{generate_ca, issue_server_cert, server_names};
 use tokio_postgres::Client;
 
-use tls_common::{Mitm, PASSWORD, ServerSpec, TlsServer, ca_and_server_cert};
+use support::tls::{Mitm, PASSWORD, ServerSpec, TlsServer, ca_and_server_cert};
 
 fn params(port: u16, mode: SslMode, ca: Option<&str>) -> ConnectParams {
     ConnectParams {

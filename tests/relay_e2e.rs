@@ -3,11 +3,12 @@
 //! `RELAY_E2E_EVENTS` sets the events per delivery run (default 20,000 over 1,000 aggregates
 //! for CI on two cores; the acceptance figure is 100,000: `RELAY_E2E_EVENTS=100000`).
 
-mod relay_common;
+mod support;
 
 use std::time::Duration;
 
-use relay_common::*;
+use support::relay::*;
+use support::{kafka_create_topic, wait_until};
 
 const AGGREGATES: usize = 1000;
 const LONG: Duration = Duration::from_secs(600);

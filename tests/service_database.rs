@@ -2,10 +2,7 @@
 //! with least privilege; passwords survive restarts; deletion policies; outages; managed mode's
 //! children, readiness and garbage collection.
 
-mod harness;
-mod relay_common;
 mod support;
-mod tls_common;
 
 use std::time::Duration;
 
@@ -19,7 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use servicedb::api::ServiceDatabase;
 
-use harness::{
+use support::harness::{
     Operator, connect_uri, create_admin_secret, external_sdb, secret_string, wait_condition,
 };
 
@@ -375,7 +372,7 @@ async fn a_stopped_server_turns_degraded_and_ready_again_once_back() -> Result<(
     let _op = Operator::start(&ns.name).await?;
     create_admin_secret(&ns, "pg-admin").await?;
     let e = support::env();
-    let mut proxy = harness::Proxy::start(&format!("{}:{}", e.pg_host, e.pg_port)).await?;
+    let mut proxy = support::harness::Proxy::start(&format!("{}:{}", e.pg_host, e.pg_port)).await?;
     proxy.stop();
     let service = format!("down-{}", support::random_suffix());
     let mut obj = external_sdb("down", &service, "Delete");
@@ -1083,10 +1080,7 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
     let _op = Operator::start(&ns.name).await?;
     create_admin_secret(&ns, "pg-admin").await?;
     // A closed port, and a port where something that is not Postgres answers with a banner.
-    let closed = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        l.local_addr()?.port()
-    };
+    let closed = support::free_port()?;
     let banner = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let banner_port = banner.local_addr()?.port();
     tokio::spawn(async move {
@@ -1148,14 +1142,14 @@ async fn connection_errors_in_status_are_summarised_without_the_networks_or_serv
 async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_the_ca() -> Result<()>
 {
     // A throwaway TLS Postgres (hostssl + scram only) whose certificate a private CA signed.
-    let (ca, cert) = tls_common::ca_and_server_cert(&["127.0.0.1"])?;
-    let pg = tls_common::TlsServer::start(tls_common::ServerSpec::tls(cert))?;
+    let (ca, cert) = support::tls::ca_and_server_cert(&["127.0.0.1"])?;
+    let pg = support::tls::TlsServer::start(support::tls::ServerSpec::tls(cert))?;
     let ns = support::TestNamespace::new("sdb-tls").await?;
     let _op = Operator::start(&ns.name).await?;
     for (name, data) in [
         (
             "pg-admin",
-            json!({"username": "postgres", "password": tls_common::PASSWORD}),
+            json!({"username": "postgres", "password": support::tls::PASSWORD}),
         ),
         ("pg-ca", json!({"ca.crt": ca.cert_pem})),
     ] {
@@ -1269,6 +1263,103 @@ async fn an_external_server_with_a_private_ca_is_verified_and_applications_get_t
     ensure!(
         pg.psql("SELECT count(*) FROM pg_database WHERE datname = 'ledger'")? == "0",
         "a database was created on an unverified server: {text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_child_edited_by_hand_is_restored_and_settled_children_are_not_reapplied() -> Result<()> {
+    let ns = support::TestNamespace::new("sdb-handedit").await?;
+    let op = Operator::start(&ns.name).await?;
+    let obj = json!({
+        "apiVersion": "servicedb.io/v1alpha1", "kind": "ServiceDatabase",
+        "metadata": {"name": "shop"},
+        "spec": {
+            "owner": {"service": "shop"},
+            "instance": {"managed": {"version": 17, "storage": {"size": "1Gi"}}},
+            "outbox": {"table": "outbox"},
+        }
+    });
+    create(&ns, obj).await?;
+    let (policies, maps) = (ns.api::<NetworkPolicy>(), ns.api::<ConfigMap>());
+    let ingress = |np: &NetworkPolicy| np.spec.as_ref().and_then(|s| s.ingress.clone());
+    let hba = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("pg_hba.conf").cloned());
+    let applied_policy = support::wait_until("the NetworkPolicy", support::TIMEOUT, || {
+        let policies = policies.clone();
+        async move { policies.get_opt("shop-db").await.ok().flatten() }
+    })
+    .await?;
+    let applied_hba = hba(&maps.get("shop-db-config").await?);
+    ensure!(
+        ingress(&applied_policy).is_some_and(|rules| !rules.is_empty()),
+        "no ingress rules to strip"
+    );
+    ensure!(applied_hba.is_some(), "no pg_hba.conf to edit");
+
+    // Someone strips the policy's rules (the instance is now unreachable for its owner) and
+    // opens pg_hba.conf to everyone, with kubectl-style patches under their own field manager.
+    let by_hand = PatchParams {
+        field_manager: Some("kubectl-edit".to_owned()),
+        ..PatchParams::default()
+    };
+    policies
+        .patch(
+            "shop-db",
+            &by_hand,
+            &Patch::Merge(json!({"spec": {"ingress": []}})),
+        )
+        .await?;
+    maps.patch(
+        "shop-db-config",
+        &by_hand,
+        &Patch::Merge(json!({"data": {"pg_hba.conf": "host all all 0.0.0.0/0 trust\n"}})),
+    )
+    .await?;
+
+    support::wait_until(
+        "the operator to restore the NetworkPolicy and the ConfigMap",
+        support::TIMEOUT,
+        || {
+            let (policies, maps) = (policies.clone(), maps.clone());
+            let (want_rules, want_hba) = (ingress(&applied_policy), applied_hba.clone());
+            async move {
+                let np = policies.get("shop-db").await.ok()?;
+                let cm = maps.get("shop-db-config").await.ok()?;
+                (ingress(&np) == want_rules && hba(&cm) == want_hba).then_some(())
+            }
+        },
+    )
+    .await?;
+    let repairs = op
+        .counter_total("servicedb_operator_drift_repairs_total")
+        .await?;
+    assert!(
+        repairs >= 2.0,
+        "the restore was not counted as drift repairs: {repairs}"
+    );
+
+    // Settled children are compared, not re-sent: forced resyncs repair nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = op
+        .counter_total("servicedb_operator_drift_repairs_total")
+        .await?;
+    let api = ns.api::<ServiceDatabase>();
+    for i in 0..3 {
+        api.patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/resync": i.to_string()}}})),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        op.counter_total("servicedb_operator_drift_repairs_total")
+            .await?,
+        settled,
+        "unchanged children were re-applied as drift; operator log:\n{}",
+        op.log_text()
     );
     Ok(())
 }

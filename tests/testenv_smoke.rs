@@ -250,8 +250,9 @@ async fn kafka_round_trips_a_message() -> Result<()> {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topic = format!("smoke-{}", support::random_suffix());
-    support::kafka_create_topic(&topic, 1).await?;
-    let producer: FutureProducer = support::kafka_client_config()
+    let bootstrap = &support::env().kafka_bootstrap_servers;
+    support::kafka_create_topic(bootstrap, &topic, 1).await?;
+    let producer: FutureProducer = support::kafka_client_config(bootstrap)
         .set("enable.idempotence", "true")
         .create()?;
     producer

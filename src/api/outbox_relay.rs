@@ -84,7 +84,9 @@ pub struct LocalObjectRef {
 /// How the relay reads the outbox.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RelayMode {
-    /// Claim batches with `FOR UPDATE SKIP LOCKED`, publish, delete and commit.
+    /// Claim a batch by deleting it (`DELETE … RETURNING`, in order) in a transaction, publish
+    /// it, then commit; a crash before the commit rolls the delete back, so nothing is lost.
+    /// An advisory lock makes one replica the only claimant; the others stand by.
     #[default]
     Poll,
     /// Stream inserts from a pgoutput replication slot.
@@ -135,8 +137,9 @@ pub struct KafkaSink {
     )]
     pub topic: String,
 
-    /// Extra librdkafka producer settings (TLS, SASL, compression, ...). Settings that the
-    /// relay's guarantees rest on (idempotence, acks, ordering) cannot be overridden.
+    /// Extra librdkafka producer settings (compression, batching, timeouts, ...). TLS and SASL
+    /// are not available yet: the relay is built without them. Settings that the relay's
+    /// guarantees rest on (idempotence, acks, ordering) cannot be overridden.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[x_kube(validation = Rule::new("self.all(k, !(k in ['enable.idempotence', 'acks', 'max.in.flight.requests.per.connection', 'bootstrap.servers', 'retries', 'enable.gapless.guarantee']))").message("properties may not override enable.idempotence, acks, max.in.flight.requests.per.connection, bootstrap.servers, retries or enable.gapless.guarantee"))]
     #[schemars(extend("maxProperties" = 64))]
@@ -192,12 +195,19 @@ pub struct OutboxRelayStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The default of `batchSize`, here and in the relay's config file. A `u16` so that it converts
+/// losslessly into the CRD's `i32` and the config file's `u32`.
+pub const DEFAULT_BATCH_SIZE: u16 = 500;
+
+/// The default of `pollIntervalMs`, here and in the relay's config file (`u16`: see above).
+pub const DEFAULT_POLL_INTERVAL_MS: u16 = 250;
+
 fn default_batch_size() -> i32 {
-    500
+    DEFAULT_BATCH_SIZE.into()
 }
 
 fn default_poll_interval_ms() -> i32 {
-    250
+    DEFAULT_POLL_INTERVAL_MS.into()
 }
 
 fn default_replicas() -> i32 {

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// The operator provisions an isolated instance (`managed`) or an isolated database on an existing
 /// server (`external`), least-privilege roles with generated passwords in Secrets, a NetworkPolicy,
-/// the transactional outbox table, and optionally a Debezium CDC connector.
+/// the transactional outbox table, and optionally the role and publication a Debezium CDC
+/// connector reads with.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "servicedb.io",
@@ -61,8 +62,10 @@ pub struct ServiceDatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxSpec>,
 
-    /// Optional change data capture: a Debezium Postgres connector registered in Kafka Connect,
-    /// streaming the listed tables for reporting and analytics.
+    /// Optional change data capture for a Debezium Postgres connector: a replication role with
+    /// SELECT on the listed tables, its credentials Secret and a publication of those tables.
+    /// Registering the connector in Kafka Connect is not built yet: create it yourself with
+    /// the `-cdc` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdc: Option<CdcSpec>,
 
@@ -115,7 +118,9 @@ pub struct InstanceSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManagedInstance {
-    /// Postgres major version (14 to 18). May go up, never down.
+    /// Postgres major version (14 to 18). May go up, never down. There is no `pg_upgrade` step
+    /// yet: raising it runs the new image on the old data directory, which Postgres refuses to
+    /// start, so change it only on an instance whose data you can re-create.
     #[x_kube(validation = Rule::new("self >= oldSelf").message("the Postgres major version may not go down"))]
     #[schemars(range(min = 14, max = 18))]
     pub version: i32,
@@ -384,10 +389,12 @@ pub struct CdcSpec {
     #[schemars(length(min = 1, max = 100))]
     pub tables: Vec<QualifiedTable>,
 
-    /// The Kafka Connect cluster that runs the connector.
+    /// The Kafka Connect cluster that runs the connector. Today only its namespace is used (the
+    /// managed instance's NetworkPolicy admits its pods); the URL is not contacted yet.
     pub kafka_connect: KafkaConnectRef,
 
-    /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`).
+    /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`); recorded
+    /// for the connector registration that is not built yet.
     #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,200}$"))]
     pub topic_prefix: String,
 

@@ -1,4 +1,4 @@
-//! The operator's Prometheus metrics: reconciles, their errors and duration, and API writes (no I/O).
+//! The operator's Prometheus metrics: reconciles, their errors and duration, API writes and drift repairs (no I/O).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +57,9 @@ pub struct OperatorMetrics {
     pub duration: Family<KindLabels, Histogram, fn() -> Histogram>,
     /// Objects and statuses written to the apiserver: stays flat while nothing changes.
     pub writes: Family<WriteLabels, Counter>,
+    /// Children applied again because they had been changed by someone else (a hand edit), by
+    /// kind of child.
+    pub drift_repairs: Family<WriteLabels, Counter>,
     /// Deletions that gave up on cleanup outside the cluster after the cleanup timeout, by kind
     /// (the database or slot was left on the server; an Event names it).
     pub cleanups_abandoned: Family<KindLabels, Counter>,
@@ -82,6 +85,7 @@ impl OperatorMetrics {
             errors: Family::default(),
             duration: Family::new_with_constructor(histogram),
             writes: Family::default(),
+            drift_repairs: Family::default(),
             cleanups_abandoned: Family::default(),
             leaked_slots: Family::default(),
             cdc_retained_wal: Family::default(),
@@ -103,6 +107,11 @@ impl OperatorMetrics {
             "api_writes",
             "Objects and statuses written to the apiserver",
             metrics.writes.clone(),
+        );
+        r.register(
+            "drift_repairs",
+            "Children applied again because they no longer matched what was applied",
+            metrics.drift_repairs.clone(),
         );
         r.register(
             "cleanups_abandoned",
@@ -202,6 +211,15 @@ impl OperatorMetrics {
                 })
                 .inc();
         }
+    }
+
+    /// Record that a child of kind `resource` was applied again after a hand edit.
+    pub fn repaired(&self, resource: &str) {
+        self.drift_repairs
+            .get_or_create(&WriteLabels {
+                resource: resource.to_owned(),
+            })
+            .inc();
     }
 
     /// Record a write of `resource`.

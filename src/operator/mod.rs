@@ -113,7 +113,7 @@ impl Backoff {
 }
 
 impl Context {
-    /// Server-side apply a child (see [`apply::apply`]), counting real writes.
+    /// Server-side apply a child (see [`apply::apply`]), counting real writes and drift repairs.
     pub async fn apply<K>(
         &self,
         namespace: &str,
@@ -126,11 +126,16 @@ impl Context {
             + serde::Serialize
             + serde::de::DeserializeOwned,
     {
-        let outcome = apply::apply(&self.client, namespace, desired).await?;
-        if outcome == apply::Outcome::Applied {
-            self.metrics.wrote(&K::kind(&()));
+        let write = apply::apply(&self.client, namespace, desired).await?;
+        match write {
+            apply::Write::Unchanged => {}
+            apply::Write::Applied => self.metrics.wrote(&K::kind(&())),
+            apply::Write::Repaired => {
+                self.metrics.wrote(&K::kind(&()));
+                self.metrics.repaired(&K::kind(&()));
+            }
         }
-        Ok(outcome)
+        Ok(write.into())
     }
 
     /// Publish an Event on `obj`; failures are logged, never fatal (Events are advisory).

@@ -372,7 +372,7 @@ async fn write_status(
         sink: Some(relay.spec.sink.kind().to_owned()),
         ready_replicas: ready_replicas.or(current.ready_replicas),
         slot: (relay.spec.mode == RelayMode::Logical)
-            .then(|| relay::slot_name(&ns, &relay.name_any())),
+            .then(|| crate::postgres::identifiers::relay_slot_name(&ns, &relay.name_any())),
         conditions: conditions::merge(
             &current.conditions,
             &desired,
@@ -404,7 +404,7 @@ async fn cleanup(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
     }
     let ns = relay.namespace().ok_or(Error::NoNamespace)?;
     let name = relay.name_any();
-    let slot = relay::slot_name(&ns, &name);
+    let slot = crate::postgres::identifiers::relay_slot_name(&ns, &name);
     if relay
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)

@@ -358,6 +358,58 @@ pub fn cdc_publication(database: &Ident) -> Ident {
     database.with_suffix("_cdc_pub")
 }
 
+/// The prefix of every replication slot an OutboxRelay creates: the operator recognises its
+/// relays' slots by it (an orphaned `obr_…` slot is dropped by its ServiceDatabase).
+pub const RELAY_SLOT_PREFIX: &str = "obr_";
+
+/// The replication slot a Logical OutboxRelay owns: `obr_<name>_<hash>`. Unique per namespace
+/// and name (the hash covers both, since slots are server-wide and two namespaces may share a
+/// server), at most 63 bytes, and only characters Postgres allows in slot names.
+pub fn relay_slot_name(namespace: &str, name: &str) -> String {
+    derived_slot_name(RELAY_SLOT_KIND, namespace, name)
+}
+
+/// The [`derived_slot_name`] prefix of Logical relays' slots (see [`RELAY_SLOT_PREFIX`]).
+pub const RELAY_SLOT_KIND: &str = "obr";
+/// The [`derived_slot_name`] prefix of CDC connectors' slots.
+pub const CDC_SLOT_KIND: &str = "cdc";
+
+/// The name of a replication slot owned by the Kubernetes object `namespace/name`:
+/// `<prefix>_<stem>_<hash>`, where `stem` is `name` lowercased with every other character turned
+/// into `_` and cut to 40 characters, and `hash` is 8 hex digits of SHA-256 of `namespace/name`.
+///
+/// The hash makes the name unique per namespace and name (a stem alone is not: `orders-events`
+/// and `orders_events` give the same stem, and namespaces are not in it); the stem keeps it
+/// readable in `pg_replication_slots`. The result is at most 63 bytes and only uses characters
+/// Postgres allows in slot names (`[a-z0-9_]`), given a `prefix` of that alphabet of at most 14
+/// bytes. Different owners use different prefixes (`obr` for Logical relays, `cdc` for Debezium
+/// connectors), so a relay and a ServiceDatabase with the same name never share a slot.
+pub fn derived_slot_name(prefix: &str, namespace: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let stem: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("{prefix}_{stem}_{suffix}")
+}
+
+/// The slot of a standalone relay whose config names none: `servicedb_<schema>_<table>`, cut
+/// to 63 bytes. Cut rather than hashed like [`Ident::with_suffix`], because existing standalone
+/// relays already stream from slots named this way and a new name would start a new slot.
+pub fn default_relay_slot(table: &QualifiedName) -> String {
+    let mut s = format!("servicedb_{}_{}", table.schema, table.name);
+    s.truncate(MAX_IDENT_LEN);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +497,25 @@ mod tests {
         assert_ne!(pa, pb);
         assert_eq!(pa, outbox_publication(&a), "derivation is deterministic");
         assert!(Ident::new(pa.as_str()).is_ok());
+    }
+
+    #[test]
+    fn slot_names_are_short_lowercase_and_distinct_per_namespace() {
+        let a = relay_slot_name("shop", "Orders-Events");
+        let b = relay_slot_name("shop2", "Orders-Events");
+        assert_ne!(a, b);
+        assert!(a.starts_with(RELAY_SLOT_PREFIX), "{a}");
+        assert!(a.len() <= 63);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{a}"
+        );
+        assert!(relay_slot_name("n", &"x".repeat(47)).len() <= 63);
+        let table = QualifiedName::parse("outbox").unwrap();
+        assert_eq!(default_relay_slot(&table), "servicedb_public_outbox");
+        let long = QualifiedName::parse(&format!("{}.{}", "s".repeat(40), "t".repeat(40))).unwrap();
+        assert_eq!(default_relay_slot(&long).len(), 63);
     }
 
     #[test]

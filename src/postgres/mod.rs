@@ -4,7 +4,7 @@
 //! functions in [`sql`] so it can be unit-tested without a server.
 //!
 //! The controller's entry points:
-//! - [`provision::provision`] with a [`provision::DatabasePlan`]: converge database, roles,
+//! - [`provision::provision`] with a [`plan::DatabasePlan`]: converge database, roles,
 //!   grants, outbox and publications (idempotent; a second run changes nothing).
 //! - [`provision::set_role_password`]: a credentials Secret was lost; set a new password.
 //! - [`deprovision::deprovision`]: `deletionPolicy: Delete` (drops only objects marked ours).
@@ -21,6 +21,7 @@ pub mod identifiers;
 pub mod inspect;
 pub mod ownership;
 pub mod passwords;
+pub mod plan;
 pub mod provision;
 pub mod slots;
 pub mod sql;
@@ -32,9 +33,8 @@ pub use connect::{ConnectError, ConnectParams, SslMode, connect};
 pub use identifiers::{Ident, IdentError, QualifiedName, RoleNames, quote_ident};
 pub use ownership::{Holder, ObjectKind, OwnerMark};
 pub use passwords::{Password, PersistedPassword};
-pub use provision::{
-    CdcPlan, DatabasePlan, ProvisionError, ProvisionReport, RolePassword, RolePlan,
-};
+pub use plan::{CdcPlan, DatabasePlan, RolePassword, RolePlan};
+pub use provision::{ProvisionError, ProvisionReport};
 
 /// A `tokio_postgres::Error` whose `Display` carries what the server said.
 ///

@@ -14,32 +14,6 @@ use tracing::{debug, info};
 use super::PgError;
 use super::connect::{ConnectError, ConnectParams, connect};
 
-/// The name of a replication slot owned by the Kubernetes object `namespace/name`:
-/// `<prefix>_<stem>_<hash>`, where `stem` is `name` lowercased with every other character turned
-/// into `_` and cut to 40 characters, and `hash` is 8 hex digits of SHA-256 of `namespace/name`.
-///
-/// The hash makes the name unique per namespace and name (a stem alone is not: `orders-events`
-/// and `orders_events` give the same stem, and namespaces are not in it); the stem keeps it
-/// readable in `pg_replication_slots`. The result is at most 63 bytes and only uses characters
-/// Postgres allows in slot names (`[a-z0-9_]`), given a `prefix` of that alphabet of at most 14
-/// bytes. Different owners use different prefixes (`obr` for Logical relays, `cdc` for Debezium
-/// connectors), so a relay and a ServiceDatabase with the same name never share a slot.
-pub fn derived_slot_name(prefix: &str, namespace: &str, name: &str) -> String {
-    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
-    let suffix: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    let stem: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect();
-    format!("{prefix}_{stem}_{suffix}")
-}
 
 /// How long to wait for a terminated walsender to release its slot.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -103,13 +77,7 @@ impl SlotError {
     }
 }
 
-/// The prefix of every replication slot an OutboxRelay creates (see
-/// `crate::specs::relay::slot_name`): the operator recognises its relays' slots by it.
-pub const RELAY_SLOT_PREFIX: &str = "obr_";
-/// The [`derived_slot_name`] prefix of Logical relays' slots (see [`RELAY_SLOT_PREFIX`]).
-pub const RELAY_SLOT_KIND: &str = "obr";
-/// The [`derived_slot_name`] prefix of CDC connectors' slots.
-pub const CDC_SLOT_KIND: &str = "cdc";
+pub use super::identifiers::{CDC_SLOT_KIND, RELAY_SLOT_KIND, RELAY_SLOT_PREFIX, derived_slot_name};
 
 /// Names of the logical replication slots on the server: in `database` only, or in every
 /// database when `None` (a managed instance may lower `wal_level` only when there is none).

@@ -10,7 +10,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::outbox_relay::{EventFormat, RelayMode, Sink};
+use crate::api::outbox_relay::{
+    DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL_MS, EventFormat, RelayMode, Sink,
+};
+use crate::postgres::identifiers::{
+    Ident, QualifiedName, default_relay_slot, outbox_notify_channel, outbox_publication,
+};
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +82,10 @@ pub struct RelayConfig {
 }
 
 fn default_batch_size() -> u32 {
-    500
+    DEFAULT_BATCH_SIZE.into()
 }
 fn default_poll_interval_ms() -> u64 {
-    250
+    DEFAULT_POLL_INTERVAL_MS.into()
 }
 fn default_source() -> String {
     "/servicedb/relay".to_owned()
@@ -89,12 +94,11 @@ fn default_listen() -> String {
     "0.0.0.0:9090".to_owned()
 }
 
-/// A validated, schema-qualified table name (both parts are plain lowercase identifiers).
+/// A validated, schema-qualified table name. The names derived from it (NOTIFY channel,
+/// publication, default slot) come from `crate::postgres::identifiers`, the same functions the
+/// operator's provisioning uses, so relay and database always agree on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
+pub struct TableName(QualifiedName);
 
 impl TableName {
     /// Parses `schema.table` or `table` (schema `public`).
@@ -103,29 +107,42 @@ impl TableName {
             Some((schema, name)) => (schema, name),
             None => ("public", s),
         };
-        check_identifier("table schema", schema)?;
-        check_identifier("table name", name)?;
-        Ok(Self {
-            schema: schema.to_owned(),
-            name: name.to_owned(),
-        })
+        Ok(Self(QualifiedName {
+            schema: identifier("table schema", schema)?,
+            name: identifier("table name", name)?,
+        }))
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &str {
+        self.0.schema.as_str()
+    }
+
+    /// The table's own name.
+    pub fn name(&self) -> &str {
+        self.0.name.as_str()
     }
 
     /// The table quoted for SQL: `"public"."outbox"`. The parts are validated identifiers, and
     /// are quoted anyway so that no reserved word can change the statement.
     pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        self.0.quoted()
     }
 
-    /// The NOTIFY channel an operator-created trigger uses: `<table>_outbox`.
-    pub fn notify_channel(&self) -> String {
-        format!("{}_outbox", self.name)
+    /// The NOTIFY channel the operator's outbox trigger signals.
+    pub fn notify_channel(&self) -> Ident {
+        outbox_notify_channel(&self.0)
+    }
+
+    /// The publication a Logical relay streams from unless the config names one.
+    pub fn publication(&self) -> Ident {
+        outbox_publication(&self.0)
     }
 
     /// The advisory-lock key of the single active publisher of this table.
     pub fn lock_key(&self) -> i64 {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(format!("servicedb-relay:{}.{}", self.schema, self.name));
+        let digest = sha2::Sha256::digest(format!("servicedb-relay:{}", self.0));
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(&digest[..8]);
         i64::from_be_bytes(bytes)
@@ -134,31 +151,19 @@ impl TableName {
 
 impl std::fmt::Display for TableName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        self.0.fmt(f)
     }
 }
 
-/// Quotes an identifier for SQL (doubling embedded quotes).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Lowercase SQL identifiers only: `[a-z_][a-z0-9_]*`, at most 63 bytes. Slot and publication
-/// names reach the replication protocol unquoted, so the same rule keeps them safe there.
-pub fn check_identifier(what: &str, s: &str) -> Result<(), ConfigError> {
-    let mut chars = s.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    let rest_ok = s
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !first_ok || !rest_ok || s.len() > 63 {
-        return Err(ConfigError::Invalid(format!(
-            "{what} {s:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 characters)"
-        )));
-    }
-    Ok(())
+/// Lowercase SQL identifiers only (`crate::postgres::identifiers::Ident`: `[a-z_][a-z0-9_]*`,
+/// at most 63 bytes). Slot and publication names reach the replication protocol unquoted, so
+/// the same rule keeps them safe there. `what` names the field in the error.
+pub fn identifier(what: &str, s: &str) -> Result<Ident, ConfigError> {
+    Ident::new(s).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{what} {s:?} must be a lowercase identifier ([a-z_][a-z0-9_]*, at most 63 characters): {e}"
+        ))
+    })
 }
 
 /// A topic or subject template with `{aggregatetype}` and `{type}` placeholders.
@@ -286,7 +291,7 @@ impl OutboxSql {
     pub fn new(table: &TableName, functions_schema: Option<&str>) -> Self {
         match functions_schema {
             Some(schema) => {
-                let s = quote_ident(schema);
+                let s = crate::postgres::identifiers::quote_ident(schema);
                 OutboxSql {
                     claim: format!(
                         "SELECT seq, id, aggregatetype, aggregateid, \"type\", payload, headers, created_epoch \
@@ -359,16 +364,15 @@ impl RelayConfig {
         }
         let slot = match &self.slot {
             Some(s) => s.clone(),
-            None => default_slot(&table),
+            None => default_relay_slot(&table.0),
         };
-        check_identifier("slot", &slot)?;
+        identifier("slot", &slot)?;
         let publication = match &self.publication {
-            Some(p) => p.clone(),
-            None => format!("{}_pub", table.name),
+            Some(p) => identifier("publication", p)?.to_string(),
+            None => table.publication().to_string(),
         };
-        check_identifier("publication", &publication)?;
         if let Some(schema) = &self.functions_schema {
-            check_identifier("functionsSchema", schema)?;
+            identifier("functionsSchema", schema)?;
         }
         let listen: SocketAddr = self.listen.parse().map_err(|e| {
             ConfigError::Invalid(format!(
@@ -455,13 +459,6 @@ impl RelayConfig {
             template,
         })
     }
-}
-
-/// The default slot: `servicedb_<schema>_<table>`, cut to 63 bytes.
-pub fn default_slot(table: &TableName) -> String {
-    let mut s = format!("servicedb_{}_{}", table.schema, table.name);
-    s.truncate(63);
-    s
 }
 
 /// Checks an expanded Kafka topic name.
@@ -732,7 +729,24 @@ mod tests {
         let c = TableName::parse("other.outbox").unwrap();
         assert_eq!(a.lock_key(), b.lock_key());
         assert_ne!(a.lock_key(), c.lock_key());
-        assert_eq!(a.notify_channel(), "outbox_outbox");
+        assert_eq!(a.notify_channel().as_str(), "outbox_outbox");
+    }
+
+    #[test]
+    fn derived_names_are_the_ones_the_operator_provisions() {
+        // Long enough that `<table>_pub` and `<table>_outbox` no longer fit in 63 bytes: the
+        // relay must shorten them exactly as the provisioner does, or it would LISTEN on a
+        // channel nobody notifies and look for a publication that does not exist.
+        let long = format!("events.{}", "t".repeat(60));
+        let v = parse(&format!(
+            "table: {long}\nsink: {{kafka: {{bootstrapServers: 'k:9092'}}}}\n"
+        ))
+        .unwrap();
+        let q = QualifiedName::parse(&long).unwrap();
+        assert_eq!(v.publication, outbox_publication(&q).as_str());
+        assert_eq!(v.table.notify_channel(), outbox_notify_channel(&q));
+        assert_eq!(v.slot, default_relay_slot(&q));
+        assert!(v.publication.len() <= 63);
     }
 
     #[test]

@@ -13,7 +13,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::instance::{DATABASE_LABEL, RELAY_COMPONENT};
 use super::labels::{selector_labels, standard_labels};
 use super::pod;
-use crate::api::outbox_relay::{OutboxRelaySpec, RelayMode};
+use crate::api::outbox_relay::{
+    DEFAULT_BATCH_SIZE, DEFAULT_POLL_INTERVAL_MS, OutboxRelaySpec, RelayMode,
+};
+use crate::postgres::identifiers::{
+    FUNCTIONS_SCHEMA, QualifiedName, outbox_publication, relay_slot_name,
+};
 use crate::relay::config::RelayConfig;
 
 /// Where the config file is mounted in the relay container.
@@ -61,17 +66,14 @@ impl RelayNames {
     }
 }
 
-/// The replication slot a Logical relay owns: unique per namespace and name, at most 63 bytes,
-/// and only characters Postgres allows in slot names.
-pub fn slot_name(namespace: &str, name: &str) -> String {
-    crate::postgres::slots::derived_slot_name(
-        crate::postgres::slots::RELAY_SLOT_KIND,
-        namespace,
-        name,
-    )
-}
+/// The replication slot a Logical relay owns; named in `crate::postgres::identifiers` with the
+/// other names derived for Postgres (kept here under its old name for existing callers).
+pub use crate::postgres::identifiers::relay_slot_name as slot_name;
 
 /// The relay config the Deployment runs with.
+///
+/// The publication and slot names come from `crate::postgres::identifiers`, the functions the
+/// provisioner creates them with, so the relay and the database can never disagree on a name.
 pub fn relay_config(
     spec: &OutboxRelaySpec,
     namespace: &str,
@@ -79,27 +81,33 @@ pub fn relay_config(
     database: &str,
     outbox_table: &str,
 ) -> RelayConfig {
-    let table = if outbox_table.contains('.') {
-        outbox_table.to_owned()
-    } else {
-        format!("public.{outbox_table}")
-    };
-    let table_name = table.rsplit('.').next().unwrap_or("outbox");
+    // Admission and the ServiceDatabase controller validated the table name; should it still
+    // not parse, it is passed on as written and the relay refuses it with the reason.
+    let table = QualifiedName::parse(outbox_table).ok();
+    let logical = spec.mode == RelayMode::Logical;
     RelayConfig {
         mode: spec.mode,
-        table: table.clone(),
-        batch_size: u32::try_from(spec.batch_size).unwrap_or(500),
-        poll_interval_ms: u64::try_from(spec.poll_interval_ms).unwrap_or(250),
+        table: table
+            .as_ref()
+            .map_or_else(|| outbox_table.to_owned(), ToString::to_string),
+        // The CRD bounds both (1..10000, 10..60000), so the fallback is for objects that
+        // bypassed admission.
+        batch_size: u32::try_from(spec.batch_size).unwrap_or(DEFAULT_BATCH_SIZE.into()),
+        poll_interval_ms: u64::try_from(spec.poll_interval_ms)
+            .unwrap_or(DEFAULT_POLL_INTERVAL_MS.into()),
         sink: spec.sink.clone(),
         format: spec.format,
         source: format!("/servicedb/{namespace}/{database}"),
-        slot: (spec.mode == RelayMode::Logical).then(|| slot_name(namespace, relay_name)),
-        publication: (spec.mode == RelayMode::Logical).then(|| format!("{table_name}_pub")),
+        slot: logical.then(|| relay_slot_name(namespace, relay_name)),
+        publication: table
+            .as_ref()
+            .filter(|_| logical)
+            .map(|t| outbox_publication(t).to_string()),
         listen: format!("0.0.0.0:{METRICS_PORT}"),
         dead_letter: None,
         // The relay role has no privilege on the outbox itself: it goes through the outbox
         // owner's functions (see the README, "Roles: who may do what").
-        functions_schema: Some(crate::postgres::identifiers::FUNCTIONS_SCHEMA.to_owned()),
+        functions_schema: Some(FUNCTIONS_SCHEMA.to_owned()),
     }
 }
 
@@ -349,19 +357,5 @@ mod tests {
                 .iter()
                 .any(|e| e.name == "PGSSLROOTCERT")
         );
-    }
-
-    #[test]
-    fn slot_names_are_short_lowercase_and_distinct_per_namespace() {
-        let a = slot_name("shop", "Orders-Events");
-        let b = slot_name("shop2", "Orders-Events");
-        assert_ne!(a, b);
-        assert!(a.len() <= 63);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
-            "{a}"
-        );
-        assert!(slot_name("n", &"x".repeat(47)).len() <= 63);
     }
 }

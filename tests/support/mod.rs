@@ -1,8 +1,9 @@
-//! Test support for integration tests against the real test environment on loopback
-//! (`hack/testenv.sh`: etcd + kube-apiserver + kube-controller-manager, Postgres 15, Kafka,
-//! Kafka Connect with Debezium, NATS JetStream).
+//! The one test harness shared by every integration suite (and the relay benchmark): the real
+//! test environment on loopback (`hack/testenv.sh`: etcd + kube-apiserver +
+//! kube-controller-manager, Postgres 15, Kafka, Kafka Connect with Debezium, NATS JetStream),
+//! and the helpers every suite needs exactly once.
 //!
-//! Use it from an integration test with `mod support;`.
+//! Use it from an integration test with `mod support;`. In this module:
 //!
 //! - [`env()`] attaches to the shared environment through `target/testenv/env`, starting it with
 //!   `hack/testenv.sh up` first (idempotent, quick when it is already up). One environment serves
@@ -11,10 +12,24 @@
 //! - [`fresh_database`] creates a fresh Postgres database.
 //! - [`kube_client`] / [`impersonating_client`] build `kube::Client`s from the env's admin kubeconfig.
 //! - [`mark_pod_ready`] / [`mark_pods_ready`] set pod status through `pods/status` (there is no kubelet).
-//! - [`kafka_create_topic`], [`kafka_consume`], [`nats_collect`] and [`jetstream_read`] read what a
-//!   test produced; [`http_request`] talks to Kafka Connect's REST API.
 //! - [`wait_until`] polls with a timeout. Every wait in here has a timeout: tests never hang forever.
+//! - [`free_port`], [`http_request`] / [`http_get`], [`die_with_parent`]: ports, loopback HTTP
+//!   (Kafka Connect's REST API, `/readyz`, `/metrics`) and child processes bound to the test.
+//! - [`kafka_client_config`], [`kafka_create_topic`], [`kafka_consume`], [`nats_collect`] and
+//!   [`jetstream_read`] read what a test produced.
+//!
+//! Submodules, for the suites that need them:
+//!
+//! - [`harness`]: CRDs installed once, a namespace-scoped operator process per test, condition
+//!   waits, a stoppable TCP proxy, the development relay runner.
+//! - [`relay`]: Postgres, Kafka and NATS processes private to one test binary (so tests may stop
+//!   them), the `servicedb relay` process, and delivery checks.
+//! - [`tls`]: throwaway TLS Postgres servers and a TLS-terminating man in the middle.
 #![allow(dead_code)]
+
+pub mod harness;
+pub mod relay;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +96,20 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The test environment's run dir: `SERVICEDB_TESTENV_DIR`, default `target/testenv`.
+pub fn testenv_dir() -> PathBuf {
+    std::env::var_os("SERVICEDB_TESTENV_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/testenv"))
+}
+
+/// The environment's variables if it is up, without starting it (for tests that use a shared
+/// service when there is one and start their own otherwise).
+pub fn testenv_vars_if_up() -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(testenv_dir().join("env")).ok()?;
+    Some(parse_env_file(&text))
+}
+
 /// Parses the sourceable env file: lines `export KEY='value'` (values never contain quotes).
 pub fn parse_env_file(text: &str) -> HashMap<String, String> {
     text.lines()
@@ -103,9 +132,7 @@ pub fn env() -> &'static TestEnv {
     static ENV: OnceLock<TestEnv> = OnceLock::new();
     ENV.get_or_init(|| {
         let root = repo_root();
-        let dir = std::env::var_os("SERVICEDB_TESTENV_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target/testenv"));
+        let dir = testenv_dir();
         let out = std::process::Command::new("bash")
             .arg(root.join("hack/testenv.sh"))
             .arg("up")
@@ -159,21 +186,74 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, failing after `timeout`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+/// What a [`wait_until`] probe may answer: `bool` (done or not) or `Option<T>` (done with a
+/// value). One wait serves both styles.
+pub trait Probe {
+    /// What the wait returns once the probe succeeds.
+    type Output;
+    /// `Some` when the condition holds.
+    fn ready(self) -> Option<Self::Output>;
+}
+
+impl Probe for bool {
+    type Output = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Probe for Option<T> {
+    type Output = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `f` every 200 ms until it answers `true` or `Some`, failing after `timeout`.
+pub async fn wait_until<P, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<P::Output>
 where
+    P: Probe,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
+    Fut: std::future::Future<Output = P>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(v) = f().await {
+        if let Some(v) = f().await.ready() {
             return Ok(v);
         }
         if tokio::time::Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---- Ports, HTTP and child processes ------------------------------------------------------------
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `GET http://127.0.0.1:<port><path>`; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    http_request("GET", &format!("http://127.0.0.1:{port}{path}"), None).await
+}
+
+/// Make a child process die when the test binary dies, however it dies (SIGKILL included), so
+/// no operator or relay outlives its test.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent;
+    // it is the only call made between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -401,16 +481,19 @@ pub struct KafkaRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
-pub fn kafka_client_config() -> rdkafka::ClientConfig {
+/// A Kafka client config for `bootstrap` (the shared environment's:
+/// `&env().kafka_bootstrap_servers`).
+pub fn kafka_client_config(bootstrap: &str) -> rdkafka::ClientConfig {
     let mut c = rdkafka::ClientConfig::new();
-    c.set("bootstrap.servers", &env().kafka_bootstrap_servers);
+    c.set("bootstrap.servers", bootstrap);
     c
 }
 
-/// Creates a topic (replication factor 1) and waits until it exists.
-pub async fn kafka_create_topic(topic: &str, partitions: i32) -> Result<()> {
+/// Creates a topic (replication factor 1) on `bootstrap`; one that already exists is fine.
+pub async fn kafka_create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<_> = kafka_client_config().create()?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        kafka_client_config(bootstrap).create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let res = admin
         .create_topics(
@@ -419,18 +502,22 @@ pub async fn kafka_create_topic(topic: &str, partitions: i32) -> Result<()> {
         )
         .await?;
     for r in res {
-        r.map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
+        if let Err((t, e)) = r
+            && e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            bail!("create topic {t}: {e}");
+        }
     }
     Ok(())
 }
 
-/// Consumes exactly `n` records from `topic` from the beginning (a fresh consumer group), or
+/// Consumes exactly `n` records from `topic` of the shared environment's Kafka from the beginning (a fresh consumer group), or
 /// fails after `timeout`.
 pub async fn kafka_consume(topic: &str, n: usize, timeout: Duration) -> Result<Vec<KafkaRecord>> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
-    let consumer: StreamConsumer = kafka_client_config()
+    let consumer: StreamConsumer = kafka_client_config(&env().kafka_bootstrap_servers)
         .set("group.id", format!("servicedb-test-{}", random_suffix()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -543,9 +630,10 @@ pub async fn jetstream_read(
     Ok(out)
 }
 
-// ---- HTTP (Kafka Connect REST) ----------------------------------------------------------------
+// ---- HTTP ----------------------------------------------------------------------------------------
 
-/// A minimal HTTP/1.0 request to a loopback `http://` URL; returns (status, body).
+/// A minimal HTTP/1.0 request to a loopback `http://` URL; returns (status, body). The one HTTP
+/// client of the tests: Kafka Connect's REST API, and `/readyz` and `/metrics` through [`http_get`].
 pub async fn http_request(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url

@@ -12,13 +12,13 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use super::super::config::quote_ident;
 use super::super::envelope::{OutboxEvent, pg_micros_to_system_time};
 use super::super::publish::{Backoff, PublishError, Publisher};
 use super::super::{Ctx, RelayError, pg};
 use super::pgoutput::{Decoded, Decoder};
 use super::replication::{PgwireStream, ReplError, ReplEvent, ReplicationStream};
 use crate::metrics::RelayMetrics;
+use crate::postgres::identifiers::quote_ident;
 
 /// How often a standby retries the slot.
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
@@ -102,7 +102,7 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
         batch_size: ctx.v.config.batch_size as usize,
         shutdown: &ctx.shutdown,
     };
-    let decoder = Decoder::new(&ctx.v.table.schema, &ctx.v.table.name);
+    let decoder = Decoder::new(ctx.v.table.schema(), ctx.v.table.name());
     let result = stream_loop(&mut stream, decoder, &parts, |ids| {
         let _ = tx.send(ids);
     })
@@ -119,7 +119,7 @@ async fn ensure_publication(client: &tokio_postgres::Client, ctx: &Ctx) -> Resul
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1), \
                     EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
-            &[p, &t.schema, &t.name],
+            &[p, &t.schema(), &t.name()],
         )
         .await?;
     let (exists, has_table): (bool, bool) = (row.get(0), row.get(1));

@@ -67,7 +67,7 @@ async fn session(ctx: &Ctx, backoff: &mut Backoff) -> Result<(), RelayError> {
     ctx.metrics.active.set(1);
     backoff.reset();
     // The wake-up is a latency aid only; without the trigger the poll interval is the backstop.
-    let channel = super::super::config::quote_ident(&table.notify_channel());
+    let channel = table.notify_channel().quoted();
     if let Err(e) = client.batch_execute(&format!("LISTEN {channel}")).await {
         tracing::debug!(error = %e, "LISTEN failed; relying on the poll interval");
     }

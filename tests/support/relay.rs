@@ -5,11 +5,11 @@
 //! environment. Set `RELAY_TEST_KAFKA` to a bootstrap address to use an existing Kafka for the
 //! tests that do not stop the broker. Children die with the test binary: they are spawned from
 //! one long-lived thread with `setpriv --pdeathsig KILL`.
-#![allow(dead_code)]
+//!
+//! Waits, ports, HTTP and Kafka topics use the shared helpers of `tests/support`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
+
+use super::{free_port, http_get, kafka_client_config};
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -83,13 +85,6 @@ pub fn spawn_bound(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Result<C
     Ok(rx.recv()??)
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 pub fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
         .is_ok()
@@ -104,23 +99,6 @@ pub fn wait_port(port: u16, what: &str, timeout: Duration) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
-}
-
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if f().await {
-            return Ok(());
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 pub fn tmpdir(prefix: &str) -> Result<PathBuf> {
@@ -183,7 +161,7 @@ impl Postgres {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let pg = Self {
-            port: free_port(),
+            port: free_port()?,
             dir,
             child: Mutex::new(None),
         };
@@ -407,7 +385,7 @@ pub struct Nats {
 impl Nats {
     pub fn start() -> Result<Self> {
         let n = Self {
-            port: free_port(),
+            port: free_port()?,
             dir: tmpdir("nats")?,
             child: Mutex::new(None),
         };
@@ -551,8 +529,8 @@ pub struct Kafka {
 impl Kafka {
     pub fn start() -> Result<Self> {
         let dir = tmpdir("kafka")?;
-        let port = free_port();
-        let cport = free_port();
+        let port = free_port()?;
+        let cport = free_port()?;
         std::fs::write(
             dir.join("server.properties"),
             format!(
@@ -649,14 +627,9 @@ impl Kafka {
     }
 }
 
-/// The shared test environment's Kafka (`target/testenv/env`), if that file exists.
+/// The shared test environment's Kafka, if the environment is up (never starts it).
 fn testenv_kafka() -> Option<String> {
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/testenv/env");
-    let text = std::fs::read_to_string(file).ok()?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("export KAFKA_BOOTSTRAP_SERVERS="))
-        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_owned())
-        .next()
+    super::testenv_vars_if_up()?.remove("KAFKA_BOOTSTRAP_SERVERS")
 }
 
 /// Kafka for the tests that do not stop it: `RELAY_TEST_KAFKA` if set, else the shared test
@@ -686,27 +659,6 @@ pub fn kafka_bootstrap() -> String {
     .clone()
 }
 
-pub async fn kafka_create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let r = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await?;
-    for x in r {
-        if let Err((t, e)) = x
-            && e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-        {
-            bail!("creating topic {t}: {e}");
-        }
-    }
-    Ok(())
-}
-
 /// Reads `topic` from the beginning until `n` distinct event ids (header `id` or `ce_id`) were
 /// seen or `timeout` passes. Returns records in partition order (per-key order is what counts).
 pub async fn kafka_read(
@@ -717,8 +669,7 @@ pub async fn kafka_read(
 ) -> Result<Vec<Delivered>> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::{Headers, Message};
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: StreamConsumer = kafka_client_config(bootstrap)
         .set(
             "group.id",
             format!("relay-test-{}", uuid::Uuid::new_v4().simple()),
@@ -919,7 +870,7 @@ impl Relay {
     /// Starts `servicedb relay --config <file>` with PG* for `db` as role `relay`.
     pub fn start(pg: &Postgres, db: &str, config_yaml: &str) -> Result<Self> {
         let dir = tmpdir("relay")?;
-        let port = free_port();
+        let port = free_port()?;
         let cfg = dir.join("relay.yaml");
         let mut f = std::fs::File::create(&cfg)?;
         f.write_all(format!("{config_yaml}\nlisten: \"127.0.0.1:{port}\"\n").as_bytes())?;
@@ -995,20 +946,7 @@ impl Relay {
     }
 
     pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
+        http_get(self.metrics_port, path).await
     }
 
     pub async fn metric(&self, name: &str) -> Option<f64> {

@@ -1,6 +1,5 @@
 //! Operator test harness: CRDs installed once, a namespace-scoped operator process per test, and
-//! waits on conditions (Kubernetes and process I/O). Builds on `tests/support`.
-#![allow(dead_code)]
+//! waits on conditions (Kubernetes and process I/O). Builds on the rest of `tests/support`.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,14 +13,12 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
-use crate::support;
-
 /// Install both CRDs (server-side apply) and wait until the apiserver serves them. Once per test
 /// binary; idempotent across binaries.
 pub async fn install_crds() -> Result<()> {
     static DONE: OnceCell<()> = OnceCell::const_new();
     DONE.get_or_try_init(|| async {
-        let client = support::kube_client().await?;
+        let client = super::kube_client().await?;
         let api: Api<CustomResourceDefinition> = Api::all(client);
         for crd in servicedb::api::crds() {
             let name = crd.name_any();
@@ -31,7 +28,7 @@ pub async fn install_crds() -> Result<()> {
                 &Patch::Apply(&crd),
             )
             .await?;
-            support::wait_until(&format!("CRD {name} established"), support::TIMEOUT, || {
+            super::wait_until(&format!("CRD {name} established"), super::TIMEOUT, || {
                 let api = api.clone();
                 let name = name.clone();
                 async move {
@@ -105,7 +102,7 @@ impl Operator {
     /// answers (a standby is ready too: see [`Operator::is_leader`]).
     pub async fn start_with_options(namespace: &str, options: OperatorOptions) -> Result<Self> {
         install_crds().await?;
-        let env = support::env();
+        let env = super::env();
         let log_name = match &options.pod_name {
             Some(pod) => format!("operator-{namespace}-{pod}.log"),
             None => format!("operator-{namespace}.log"),
@@ -115,14 +112,11 @@ impl Operator {
             .create(true)
             .append(true)
             .open(&log)?;
-        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await?
-            .local_addr()?
-            .port();
+        let port = super::free_port()?;
         let listen = format!("127.0.0.1:{port}");
         let mut command = tokio::process::Command::new(servicedb_bin());
         // Never outlive the test binary, even when it is killed.
-        servicedb::devrunner::die_with_parent(&mut command);
+        super::die_with_parent(&mut command);
         command.args([
             "operator",
             "--listen",
@@ -160,10 +154,10 @@ impl Operator {
             namespace: namespace.to_owned(),
             port,
         };
-        support::wait_until("the operator's /readyz", support::TIMEOUT, || async {
-            servicedb::devrunner::probe(port, "/readyz")
+        super::wait_until("the operator's /readyz", super::TIMEOUT, || async {
+            super::http_get(port, "/readyz")
                 .await
-                .then_some(())
+                .is_ok_and(|(code, _)| code == 200)
         })
         .await?;
         Ok(operator)
@@ -171,14 +165,16 @@ impl Operator {
 
     /// Whether the process says it leads (`/leader` answers 200).
     pub async fn is_leader(&self) -> bool {
-        servicedb::devrunner::probe(self.port, "/leader").await
+        super::http_get(self.port, "/leader")
+            .await
+            .is_ok_and(|(code, _)| code == 200)
     }
 
     /// The value of one metric line `name` (exactly that name, any labels summed) in /metrics;
     /// 0 when absent. Unlike [`Operator::counter_total`], `servicedb_operator_leader` does not
     /// also match `servicedb_operator_leader_acquired_total`.
     pub async fn metric(&self, name: &str) -> Result<f64> {
-        let (code, body) = support::http_request(
+        let (code, body) = super::http_request(
             "GET",
             &format!("http://127.0.0.1:{}/metrics", self.port),
             None,
@@ -210,12 +206,7 @@ impl Operator {
 
     /// The sum of a counter family in the operator's /metrics (0 when absent).
     pub async fn counter_total(&self, name: &str) -> Result<f64> {
-        let (code, body) = support::http_request(
-            "GET",
-            &format!("http://127.0.0.1:{}/metrics", self.port),
-            None,
-        )
-        .await?;
+        let (code, body) = super::http_get(self.port, "/metrics").await?;
         anyhow::ensure!(code == 200, "/metrics answered {code}");
         Ok(body
             .lines()
@@ -247,7 +238,7 @@ pub async fn wait_condition<K>(
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + serde::Serialize,
 {
-    support::wait_until(&format!("{name} {type_}={status}"), timeout, || {
+    super::wait_until(&format!("{name} {type_}={status}"), timeout, || {
         let api = api.clone();
         async move {
             let obj = api.get(name).await.ok()?;
@@ -273,8 +264,8 @@ pub fn secret_string(secret: &Secret, key: &str) -> Result<String> {
 }
 
 /// Create the `pg-admin` Secret pointing at the test Postgres superuser.
-pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Result<()> {
-    let env = support::env();
+pub async fn create_admin_secret(ns: &super::TestNamespace, name: &str) -> Result<()> {
+    let env = super::env();
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "stringData": {"username": env.pg_user, "password": env.pg_password}
@@ -288,7 +279,7 @@ pub async fn create_admin_secret(ns: &support::TestNamespace, name: &str) -> Res
 /// An external ServiceDatabase on the test Postgres, as JSON, for `service` (role names derive
 /// from it, and roles are server-wide, so tests use unique services).
 pub fn external_sdb(name: &str, service: &str, policy: &str) -> serde_json::Value {
-    let env = support::env();
+    let env = super::env();
     serde_json::json!({
         "apiVersion": "servicedb.io/v1alpha1",
         "kind": "ServiceDatabase",
@@ -306,7 +297,7 @@ pub fn external_sdb(name: &str, service: &str, policy: &str) -> serde_json::Valu
 /// [`Proxy`] in front of the apiserver), written into `dir`. TLS still verifies: the proxy
 /// forwards bytes, and the apiserver's certificate names 127.0.0.1.
 pub fn kubeconfig_through(port: u16, dir: &std::path::Path) -> Result<PathBuf> {
-    let env = support::env();
+    let env = super::env();
     let mut kc = kube::config::Kubeconfig::read_from(&env.kubeconfig)?;
     for named in &mut kc.clusters {
         if let Some(cluster) = named.cluster.as_mut() {
@@ -327,7 +318,7 @@ pub fn kubeconfig_through(port: u16, dir: &std::path::Path) -> Result<PathBuf> {
 
 /// The `host:port` of the test environment's apiserver.
 pub fn apiserver_address() -> Result<String> {
-    let env = support::env();
+    let env = super::env();
     let url = env.var("KUBE_APISERVER_URL");
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or(rest);
@@ -392,9 +383,9 @@ impl Proxy {
 
     /// Listen again on the same port.
     pub async fn resume(&mut self) -> Result<()> {
-        let listener = support::wait_until(
+        let listener = super::wait_until(
             "the proxy port to be free again",
-            support::TIMEOUT,
+            super::TIMEOUT,
             || async {
                 tokio::net::TcpListener::bind(("127.0.0.1", self.port))
                     .await
@@ -422,7 +413,7 @@ pub struct RelayRunner {
 impl RelayRunner {
     /// Start the runner for `namespace`.
     pub async fn start(namespace: &str) -> Result<Self> {
-        let env = support::env();
+        let env = super::env();
         let work = env.dir.join("dev-relays").join(namespace);
         std::fs::create_dir_all(&work)?;
         let log =

@@ -1,5 +1,4 @@
 //! Throwaway TLS Postgres servers for the TLS tests: certificates from the operator's own issuer (`servicedb::specs::tls`), any pg_hba and settings, run as `postgres` and killed with the test binary; and a TLS-terminating man in the middle (process, file and network I/O).
-#![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use servicedb::specs::tls::{CertPair, generate_ca, issue_server_cert};
 
-use crate::relay_common::{PG_BIN, free_port, spawn_bound, tmpdir};
+use super::free_port;
+use super::relay::{PG_BIN, spawn_bound, tmpdir};
 
 /// The password every throwaway server's `postgres` role gets.
 pub const PASSWORD: &str = "tls-test-password";
@@ -170,7 +170,7 @@ impl TlsServer {
             settings.push((k, v.replace("{dir}", &d)));
         }
         let server = TlsServer {
-            port: free_port(),
+            port: free_port()?,
             dir,
             child: Mutex::new(None),
         };

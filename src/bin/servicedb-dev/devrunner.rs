@@ -18,7 +18,7 @@ use kube::{Client, ResourceExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
-use crate::specs::instance::RELAY_COMPONENT;
+use servicedb::specs::instance::RELAY_COMPONENT;
 
 /// Label selector of relay pods.
 pub const RELAY_POD_SELECTOR: &str =
@@ -353,7 +353,7 @@ async fn start(
         source,
     })?;
     for (path, bytes) in &mut process.files {
-        if path.file_name().and_then(|f| f.to_str()) == Some(crate::specs::relay::CONFIG_KEY) {
+        if path.file_name().and_then(|f| f.to_str()) == Some(servicedb::specs::relay::CONFIG_KEY) {
             *bytes = rewrite_listen(bytes, &format!("127.0.0.1:{port}"))?;
         }
     }
@@ -487,13 +487,13 @@ async fn set_pod_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::outbox_relay::{KafkaSink, OutboxRelaySpec, RelayMode, Sink};
-    use crate::specs::relay::{RelayParams, deployment};
+    use servicedb::api::outbox_relay::{KafkaSink, OutboxRelaySpec, RelayMode, Sink};
+    use servicedb::specs::relay::{RelayParams, deployment};
 
     #[test]
     fn a_relay_pod_resolves_to_the_deployments_args_env_and_config() {
         let spec = OutboxRelaySpec {
-            database_ref: crate::api::outbox_relay::LocalObjectRef {
+            database_ref: servicedb::api::outbox_relay::LocalObjectRef {
                 name: "orders".into(),
             },
             mode: RelayMode::Poll,

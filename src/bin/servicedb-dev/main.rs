@@ -1,5 +1,7 @@
 //! `servicedb-dev`: development tools for a cluster without a kubelet (CLI wiring only).
 
+mod devrunner;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -92,7 +94,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("{} not found", program.display()))?;
             std::fs::create_dir_all(&work_dir)?;
             let work_dir = std::fs::canonicalize(&work_dir)?;
-            servicedb::devrunner::run(client, namespace, program, work_dir, async {
+            devrunner::run(client, namespace, program, work_dir, async {
                 // Ctrl-C or SIGTERM (make dev's cleanup) stops the relays gracefully.
                 let mut term =
                     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
