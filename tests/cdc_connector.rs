@@ -27,7 +27,8 @@ use kube::api::PostParams;
 use servicedb::cdc::config::{ConnectorInput, connector_config, slot_name};
 use servicedb::cdc::connect::{ConnectClient, ConnectSettings, Health, Outcome, State};
 use servicedb::postgres::identifiers::{Ident, QualifiedName, RoleNames};
-use servicedb::postgres::provision::{CdcPlan, DatabasePlan, RolePlan, provision};
+use servicedb::postgres::plan::{CdcPlan, DatabasePlan, RolePlan};
+use servicedb::postgres::provision::provision;
 use servicedb::postgres::slots::{drop_slot, slot_lag};
 use servicedb::postgres::{ConnectParams, OwnerMark, Password, PersistedPassword, SslMode};
 use support::{TIMEOUT, TestNamespace, env, random_suffix, wait_until};
@@ -413,7 +414,8 @@ async fn read_whole_topic(topic: &str) -> Result<Vec<Option<Vec<u8>>>> {
 
 fn topics_with_prefix(prefix: &str) -> Result<Vec<String>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = support::kafka_client_config(&env().kafka_bootstrap_servers).create()?;
+    let consumer: BaseConsumer =
+        support::kafka_client_config(&env().kafka_bootstrap_servers).create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(30))?;
     Ok(metadata
         .topics()

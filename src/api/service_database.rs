@@ -62,10 +62,9 @@ pub struct ServiceDatabaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxSpec>,
 
-    /// Optional change data capture for a Debezium Postgres connector: a replication role with
-    /// SELECT on the listed tables, its credentials Secret and a publication of those tables.
-    /// Registering the connector in Kafka Connect is not built yet: create it yourself with
-    /// the `-cdc` Secret.
+    /// Optional change data capture: a replication role with SELECT on the listed tables, its
+    /// credentials Secret, a publication of those tables, and a Debezium Postgres connector the
+    /// operator registers in Kafka Connect, watches (`CdcReady`) and removes with `cdc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cdc: Option<CdcSpec>,
 
@@ -389,12 +388,11 @@ pub struct CdcSpec {
     #[schemars(length(min = 1, max = 100))]
     pub tables: Vec<QualifiedTable>,
 
-    /// The Kafka Connect cluster that runs the connector. Today only its namespace is used (the
-    /// managed instance's NetworkPolicy admits its pods); the URL is not contacted yet.
+    /// The Kafka Connect cluster that runs the connector (its REST API, and the namespace of its
+    /// pods, which a managed instance's NetworkPolicy admits).
     pub kafka_connect: KafkaConnectRef,
 
-    /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`); recorded
-    /// for the connector registration that is not built yet.
+    /// Prefix of the Kafka topics the connector writes (`<prefix>.<schema>.<table>`).
     #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,200}$"))]
     pub topic_prefix: String,
 

@@ -7,13 +7,11 @@
 
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tracing::{debug, info};
 
 use super::PgError;
 use super::connect::{ConnectError, ConnectParams, connect};
-
 
 /// How long to wait for a terminated walsender to release its slot.
 pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -77,7 +75,9 @@ impl SlotError {
     }
 }
 
-pub use super::identifiers::{CDC_SLOT_KIND, RELAY_SLOT_KIND, RELAY_SLOT_PREFIX, derived_slot_name};
+pub use super::identifiers::{
+    CDC_SLOT_KIND, RELAY_SLOT_KIND, RELAY_SLOT_PREFIX, derived_slot_name,
+};
 
 /// Names of the logical replication slots on the server: in `database` only, or in every
 /// database when `None` (a managed instance may lower `wal_level` only when there is none).
