@@ -863,10 +863,63 @@ async fn the_operator_runs_the_connector_of_a_service_database_and_removes_it_wi
         },
     )
     .await?;
-    let after = api.get("shop").await?;
-    assert!(
-        after.status.as_ref().is_some_and(|s| s.cdc.is_none()),
-        "status.cdc stays"
-    );
+    // Status forgets the connector in the same reconcile (its write may land a moment later).
+    wait_until("status.cdc cleared", TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let s = api.get("shop").await.ok()?;
+            s.status
+                .as_ref()
+                .is_some_and(|s| s.cdc.is_none())
+                .then_some(())
+        }
+    })
+    .await?;
+
+    // CDC again, then the ServiceDatabase deleted: the connector goes first, then its slot.
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"cdc": {
+            "tables": ["public.orders"],
+            "kafkaConnect": {"url": worker().url},
+            "topicPrefix": prefix,
+        }}})),
+    )
+    .await?;
+    wait_until("CdcReady=True again", CONNECT_TIMEOUT, || {
+        let api = api.clone();
+        async move {
+            let s = api.get("shop").await.ok()?;
+            (cdc_ready(&s)?.status == "True").then_some(())
+        }
+    })
+    .await?;
+    wait_until("the new slot", CONNECT_TIMEOUT, || {
+        let (pg, slot) = (&pg, slot.clone());
+        async move { slot_lag(pg, &slot).await.ok()?.map(|_| ()) }
+    })
+    .await?;
+    api.delete("shop", &Default::default()).await?;
+    wait_until(
+        "ServiceDatabase, connector and slot gone",
+        CONNECT_TIMEOUT,
+        || {
+            let (api, client, connector, pg, slot) = (
+                api.clone(),
+                client.clone(),
+                connector.clone(),
+                &pg,
+                slot.clone(),
+            );
+            async move {
+                let sdb_gone = api.get_opt("shop").await.ok()?.is_none();
+                let connector_gone = client.status(&connector).await.ok()?.is_none();
+                let slot_gone = slot_lag(pg, &slot).await.ok()?.is_none();
+                (sdb_gone && connector_gone && slot_gone).then_some(())
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

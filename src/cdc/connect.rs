@@ -618,14 +618,27 @@ impl ConnectClient {
     /// Restarts the failed parts of the connector (`includeTasks=true&onlyFailed=true`):
     /// running tasks are left alone. `Ok(false)` when there is no such connector.
     pub async fn restart_failed(&self, name: &str) -> Result<bool, ConnectError> {
+        self.restart(name, true).await
+    }
+
+    /// Restarts the connector and every task, running or not (after the password the worker
+    /// resolved at task start was rotated). `Ok(false)` when there is no such connector.
+    pub async fn restart_all(&self, name: &str) -> Result<bool, ConnectError> {
+        self.restart(name, false).await
+    }
+
+    async fn restart(&self, name: &str, only_failed: bool) -> Result<bool, ConnectError> {
         let op = Operation::Restart;
-        let path = connector_path(name, "/restart?includeTasks=true&onlyFailed=true");
+        let path = connector_path(
+            name,
+            &format!("/restart?includeTasks=true&onlyFailed={only_failed}"),
+        );
         let (status, body) = self.send(op, name, Method::POST, &path, None).await?;
         match status {
             StatusCode::OK | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => {
                 info!(
                     connector = name,
-                    "requested a restart of the failed connector/tasks"
+                    only_failed, "requested a restart of the connector"
                 );
                 Ok(true)
             }

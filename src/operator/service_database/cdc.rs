@@ -12,6 +12,7 @@ use kube::runtime::events::EventType;
 
 use super::decide::Desire;
 use super::instance::Target;
+use super::provisioning::Provisioned;
 use crate::api::service_database::{
     CdcSecretProvider, CdcSpec, CdcStatus, DEFAULT_CDC_LAG_WARNING_BYTES, KafkaConnectRef,
     ServiceDatabase,
@@ -152,9 +153,10 @@ pub async fn converge(
     cdc: &CdcSpec,
     desire: &Desire,
     target: &Target,
-    missing_tables: &[String],
+    provisioned: &Provisioned,
     cdc_password: Option<Password>,
 ) -> CdcReport {
+    let missing_tables = &provisioned.missing_cdc_tables;
     let ns = sdb.namespace().unwrap_or_default();
     let name = sdb.name_any();
     let mut status = CdcStatus {
@@ -197,6 +199,10 @@ pub async fn converge(
             return not_ready(condition, status, super::RECHECK);
         }
     };
+    if provisioned.cdc_password_rotated {
+        // The worker resolved the old password when it started the task: start it again.
+        restart_all(ctx, sdb, &connect, &desired.name).await;
+    }
     let health = register_and_watch(ctx, sdb, &connect, &desired).await;
     ctx.metrics.connect_requests(&connect.request_counts());
     let (condition, state, recheck) = match health {
@@ -356,6 +362,26 @@ async fn restart(ctx: &Context, sdb: &ServiceDatabase, connect: &ConnectClient, 
         }
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "could not restart the connector"),
+    }
+}
+
+/// Restarts the connector and all its tasks after the cdc role's password changed.
+async fn restart_all(ctx: &Context, sdb: &ServiceDatabase, connect: &ConnectClient, name: &str) {
+    match connect.restart_all(name).await {
+        Ok(true) => {
+            ctx.event(
+                sdb,
+                EventType::Normal,
+                "ConnectorRestarted",
+                "Restart",
+                format!("restarted connector {name}: the cdc role has a new password"),
+            )
+            .await;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not restart the connector after a password change")
+        }
     }
 }
 

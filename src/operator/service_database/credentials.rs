@@ -352,15 +352,18 @@ pub async fn persist(
 }
 
 /// Provisioning set every password in the plan: mark them applied, announce passwords that
-/// replaced a deleted Secret, and update the Secrets whose state changed.
+/// replaced a deleted Secret, and update the Secrets whose state changed. Returns the purposes
+/// whose role got a new password now (their clients must reconnect).
 pub async fn applied(
     ctx: &Context,
     sdb: &ServiceDatabase,
     to: &SecretTarget<'_>,
     persisted: &mut Persisted,
-) -> Result<(), ApplyError> {
+) -> Result<Vec<&'static str>, ApplyError> {
+    let mut rotated = Vec::new();
     for (c, written) in persisted.creds.iter_mut().zip(persisted.written.iter_mut()) {
         if c.state == CredentialState::Regenerated {
+            rotated.push(c.purpose);
             ctx.event(
                 sdb,
                 EventType::Warning,
@@ -380,7 +383,7 @@ pub async fn applied(
             *written = c.state.annotation();
         }
     }
-    Ok(())
+    Ok(rotated)
 }
 
 #[cfg(test)]

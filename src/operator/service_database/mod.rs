@@ -320,14 +320,14 @@ async fn converge(
     persisted.instance_ready();
     // A removed `cdc`: its connector and slot go before provisioning drops the publication.
     let cdc_retiring = cdc::retire_removed(ctx, sdb, &target).await.map(Box::new);
-    let missing_tables =
+    let provisioned =
         provisioning::converge(ctx, sdb, desire, &target, &mut persisted, &to).await?;
     provisioning::collect_orphaned_slots(ctx, sdb, ns, &target.admin, desire.database()).await;
     let cdc = match &sdb.spec.cdc {
         Some(spec) => {
             let password = persisted.password("cdc").cloned();
             let report =
-                cdc::converge(ctx, sdb, spec, desire, &target, &missing_tables, password).await;
+                cdc::converge(ctx, sdb, spec, desire, &target, &provisioned, password).await;
             Some(Box::new(report))
         }
         None => None,

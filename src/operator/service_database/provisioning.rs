@@ -16,7 +16,7 @@ use crate::postgres::{self, ConnectParams};
 
 /// Provisions in the database, idempotently (catalog reads only when nothing drifted), so a
 /// failed first-start script, a role dropped by hand or a relay added later are repaired
-/// instead of reported Ready. Returns the `cdc` tables that do not exist yet.
+/// instead of reported Ready.
 pub async fn converge(
     ctx: &Context,
     sdb: &ServiceDatabase,
@@ -24,7 +24,7 @@ pub async fn converge(
     target: &Target,
     persisted: &mut Persisted,
     to: &SecretTarget<'_>,
-) -> Result<Vec<String>, Error> {
+) -> Result<Provisioned, Error> {
     let plan = persisted.plan(desire, false);
     let report = postgres::provision::provision(&target.admin, &plan)
         .await
@@ -49,12 +49,23 @@ pub async fn converge(
         )
         .await;
     }
-    credentials::applied(ctx, sdb, to, persisted).await?;
-    Ok(report
-        .missing_cdc_tables
-        .iter()
-        .map(|t| t.to_string())
-        .collect())
+    let rotated = credentials::applied(ctx, sdb, to, persisted).await?;
+    Ok(Provisioned {
+        missing_cdc_tables: report
+            .missing_cdc_tables
+            .iter()
+            .map(|t| t.to_string())
+            .collect(),
+        cdc_password_rotated: rotated.contains(&"cdc"),
+    })
+}
+
+/// What provisioning reports to the steps after it.
+pub struct Provisioned {
+    /// `cdc` tables that do not exist yet.
+    pub missing_cdc_tables: Vec<String>,
+    /// The cdc role got a new password now (its Secret had been deleted).
+    pub cdc_password_rotated: bool,
 }
 
 /// Drops the replication slots of this database that a deleted OutboxRelay left behind (its
