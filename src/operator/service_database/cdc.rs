@@ -205,52 +205,27 @@ pub async fn converge(
     }
     let health = register_and_watch(ctx, sdb, &connect, &desired).await;
     ctx.metrics.connect_requests(&connect.request_counts());
-    let (condition, state, recheck) = match health {
-        Watched::Running => {
+    if let Watched::Failed(reason) = &health {
+        ctx.event(
+            sdb,
+            EventType::Warning,
+            "ConnectorFailed",
+            "Watch",
+            reason.clone(),
+        )
+        .await;
+        restart(ctx, sdb, &connect, &desired.name).await;
+        ctx.metrics.connect_requests(&connect.request_counts());
+    }
+    let (condition, state, recheck) = readiness(health);
+    let recheck = match (&condition.reason[..], recheck) {
+        // Failed: restarted now, again after a growing delay until it runs.
+        ("ConnectorFailed", _) => Some(ctx.backoff.next(&restart_key)),
+        (_, None) => {
             ctx.backoff.reset(&restart_key);
-            (
-                Desired::ok(
-                    "CdcReady",
-                    "Running",
-                    "the connector and its task are RUNNING",
-                ),
-                "RUNNING".to_owned(),
-                None,
-            )
+            None
         }
-        Watched::Failed(reason) => {
-            ctx.event(
-                sdb,
-                EventType::Warning,
-                "ConnectorFailed",
-                "Watch",
-                reason.clone(),
-            )
-            .await;
-            restart(ctx, sdb, &connect, &desired.name).await;
-            ctx.metrics.connect_requests(&connect.request_counts());
-            let after = ctx.backoff.next(&restart_key);
-            (
-                Desired::fail("CdcReady", "ConnectorFailed", reason),
-                "FAILED".to_owned(),
-                Some(after),
-            )
-        }
-        Watched::Starting(state, reason) => (
-            Desired::fail("CdcReady", "ConnectorNotRunning", reason),
-            state,
-            Some(super::RECHECK),
-        ),
-        Watched::Unreachable(message) => (
-            Desired::unknown("CdcReady", "KafkaConnectUnreachable", message),
-            "Unknown".to_owned(),
-            Some(super::RECHECK),
-        ),
-        Watched::Refused(message) => (
-            Desired::fail("CdcReady", "KafkaConnectRefused", message),
-            "Unknown".to_owned(),
-            Some(super::RECHECK),
-        ),
+        (_, later) => later,
     };
     status.state = Some(state);
     let lag = retained_wal(&target.admin.with_dbname(desire.database()), &status.slot).await;
@@ -259,13 +234,7 @@ pub async fn converge(
     let limit = cdc
         .lag_warning_bytes
         .unwrap_or(DEFAULT_CDC_LAG_WARNING_BYTES);
-    if let Some(bytes) = lag.filter(|b| *b > limit) {
-        let message = format!(
-            "replication slot {} retains {} MiB of WAL (warning above {} MiB): the connector is not keeping up or is stopped",
-            status.slot,
-            bytes / (1024 * 1024),
-            limit / (1024 * 1024)
-        );
+    if let Some(message) = lag_warning(lag, limit, &status.slot) {
         ctx.event(
             sdb,
             EventType::Warning,
@@ -287,6 +256,52 @@ pub async fn converge(
         status,
         recheck,
     }
+}
+
+/// `CdcReady`, the state shown in status, and when to look again, from what Connect said
+/// (pure; a failed connector's restart cadence is the caller's backoff).
+fn readiness(health: Watched) -> (Desired, String, Option<Duration>) {
+    match health {
+        Watched::Running => (
+            Desired::ok(
+                "CdcReady",
+                "Running",
+                "the connector and its task are RUNNING",
+            ),
+            "RUNNING".to_owned(),
+            None,
+        ),
+        Watched::Failed(reason) => (
+            Desired::fail("CdcReady", "ConnectorFailed", reason),
+            "FAILED".to_owned(),
+            Some(super::RECHECK),
+        ),
+        Watched::Starting(state, reason) => (
+            Desired::fail("CdcReady", "ConnectorNotRunning", reason),
+            state,
+            Some(super::RECHECK),
+        ),
+        Watched::Unreachable(message) => (
+            Desired::unknown("CdcReady", "KafkaConnectUnreachable", message),
+            "Unknown".to_owned(),
+            Some(super::RECHECK),
+        ),
+        Watched::Refused(message) => (
+            Desired::fail("CdcReady", "KafkaConnectRefused", message),
+            "Unknown".to_owned(),
+            Some(super::RECHECK),
+        ),
+    }
+}
+
+/// The warning for a slot retaining more than `limit` bytes of WAL (pure).
+fn lag_warning(lag: Option<i64>, limit: i64, slot: &str) -> Option<String> {
+    let bytes = lag.filter(|b| *b > limit)?;
+    Some(format!(
+        "replication slot {slot} retains {} MiB of WAL (warning above {} MiB): the connector is not keeping up or is stopped",
+        bytes / (1024 * 1024),
+        limit / (1024 * 1024)
+    ))
 }
 
 /// What Connect said about the connector.
@@ -494,5 +509,65 @@ pub async fn retire_removed(
             .await;
             Some(recorded)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_connects_answer() {
+        let table = [
+            (Watched::Running, Some(true), "Running", "RUNNING", false),
+            (
+                Watched::Failed("task 0 FAILED: boom".into()),
+                Some(false),
+                "ConnectorFailed",
+                "FAILED",
+                true,
+            ),
+            (
+                Watched::Starting("UNASSIGNED".into(), "starting".into()),
+                Some(false),
+                "ConnectorNotRunning",
+                "UNASSIGNED",
+                true,
+            ),
+            (
+                Watched::Unreachable("down".into()),
+                None,
+                "KafkaConnectUnreachable",
+                "Unknown",
+                true,
+            ),
+            (
+                Watched::Refused("401".into()),
+                Some(false),
+                "KafkaConnectRefused",
+                "Unknown",
+                true,
+            ),
+        ];
+        for (watched, status, reason, state, recheck) in table {
+            let (c, s, r) = readiness(watched);
+            assert_eq!(
+                (c.status, c.reason.as_str(), s.as_str()),
+                (status, reason, state)
+            );
+            assert_eq!(r.is_some(), recheck, "{reason}");
+        }
+    }
+
+    #[test]
+    fn lag_warns_only_above_the_limit() {
+        let mib = 1024 * 1024;
+        assert_eq!(lag_warning(None, mib, "s"), None);
+        assert_eq!(lag_warning(Some(mib), mib, "s"), None);
+        let w = lag_warning(Some(300 * mib), 256 * mib, "cdc_x").unwrap();
+        assert!(
+            w.contains("cdc_x") && w.contains("300 MiB") && w.contains("256 MiB"),
+            "{w}"
+        );
     }
 }
