@@ -46,6 +46,9 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// Longest server-provided text (error message, trace line) kept.
 pub const MAX_MESSAGE_LEN: usize = 500;
 
+/// How often [`ConnectClient::delete`] polls for STOPPED (every 500 ms) before resetting offsets.
+const STOP_POLLS: u32 = 60;
+
 /// Basic-auth credentials for Connect's REST API (`rest.extension.classes` with JAAS, or a
 /// proxy in front of it). `Debug` hides the password.
 #[derive(Clone)]
@@ -109,6 +112,10 @@ pub enum Operation {
     Status,
     /// `POST /connectors/{name}/restart`.
     Restart,
+    /// `PUT /connectors/{name}/stop`.
+    Stop,
+    /// `DELETE /connectors/{name}/offsets`.
+    ResetOffsets,
     /// `DELETE /connectors/{name}`.
     Delete,
 }
@@ -120,6 +127,8 @@ impl fmt::Display for Operation {
             Operation::PutConfig => "writing the config of",
             Operation::Status => "reading the status of",
             Operation::Restart => "restarting",
+            Operation::Stop => "stopping",
+            Operation::ResetOffsets => "resetting the offsets of",
             Operation::Delete => "deleting",
         })
     }
@@ -649,7 +658,14 @@ impl ConnectClient {
 
     /// Deletes the connector (its tasks stop; its slot stays until the operator drops it).
     /// `Ok(false)` when there was nothing to delete.
+    ///
+    /// First it stops the connector and deletes its source offsets (KIP-875, Connect ≥ 3.6):
+    /// Connect keeps offsets by connector name after a plain delete, so a connector created
+    /// again under the same name would resume from an LSN its new slot never had and fail.
     pub async fn delete(&self, name: &str) -> Result<bool, ConnectError> {
+        if !self.stop_and_forget_offsets(name).await? {
+            return Ok(false);
+        }
         let op = Operation::Delete;
         let (status, body) = self
             .send(op, name, Method::DELETE, &connector_path(name, ""), None)
@@ -659,6 +675,42 @@ impl ConnectClient {
                 info!(connector = name, "deleted connector");
                 Ok(true)
             }
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.status_error(op, name, status, &body)),
+        }
+    }
+
+    /// Stops the connector, waits (bounded) until it is STOPPED and deletes its offsets.
+    /// `Ok(false)` when there is no such connector.
+    async fn stop_and_forget_offsets(&self, name: &str) -> Result<bool, ConnectError> {
+        let op = Operation::Stop;
+        let (status, body) = self
+            .send(op, name, Method::PUT, &connector_path(name, "/stop"), None)
+            .await?;
+        match status {
+            StatusCode::OK | StatusCode::ACCEPTED | StatusCode::NO_CONTENT => {}
+            StatusCode::NOT_FOUND => return Ok(false),
+            _ => return Err(self.status_error(op, name, status, &body)),
+        }
+        for _ in 0..STOP_POLLS {
+            match self.status(name).await? {
+                None => return Ok(false),
+                Some(s) if s.connector.state == State::Stopped => break,
+                Some(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let op = Operation::ResetOffsets;
+        let (status, body) = self
+            .send(
+                op,
+                name,
+                Method::DELETE,
+                &connector_path(name, "/offsets"),
+                None,
+            )
+            .await?;
+        match status {
+            StatusCode::OK | StatusCode::NO_CONTENT => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
             _ => Err(self.status_error(op, name, status, &body)),
         }

@@ -185,12 +185,14 @@ pub fn load_all(
     (creds, superuser)
 }
 
-/// Deletes the Secrets of roles the spec no longer has (outbox disabled, cdc removed).
+/// Deletes the Secrets of roles the spec no longer has (outbox disabled; cdc removed and its
+/// connector gone).
 pub async fn remove_unneeded(
     ctx: &Context,
     sdb: &ServiceDatabase,
     ns: &str,
     desire: &Desire,
+    cdc_connector_gone: bool,
 ) -> Result<(), ApplyError> {
     let unneeded = [
         (
@@ -199,7 +201,7 @@ pub async fn remove_unneeded(
             "outbox disabled",
         ),
         (
-            sdb.spec.cdc.is_none(),
+            sdb.spec.cdc.is_none() && cdc_connector_gone,
             desire.names.cdc_secret(),
             "cdc removed",
         ),

@@ -309,7 +309,6 @@ async fn converge(
         }
         None => true,
     };
-    credentials::remove_unneeded(ctx, sdb, ns, desire).await?;
     if !ready {
         return Ok(Reached::InstanceStarting {
             instance: desire.instance_text.clone(),
@@ -320,6 +319,9 @@ async fn converge(
     persisted.instance_ready();
     // A removed `cdc`: its connector and slot go before provisioning drops the publication.
     let cdc_retiring = cdc::retire_removed(ctx, sdb, &target).await.map(Box::new);
+    // The cdc Secret stays while its connector is not removed: Connect resolves the password
+    // reference even to stop the connector and reset its offsets.
+    credentials::remove_unneeded(ctx, sdb, ns, desire, cdc_retiring.is_none()).await?;
     let provisioned =
         provisioning::converge(ctx, sdb, desire, &target, &mut persisted, &to).await?;
     provisioning::collect_orphaned_slots(ctx, sdb, ns, &target.admin, desire.database()).await;
