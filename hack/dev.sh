@@ -107,7 +107,15 @@ kubectl -n "${NS}" wait --for condition=CdcReady --timeout=300s servicedatabase/
 kubectl -n "${NS}" get servicedatabase catalog
 psql -q "$(uri_of catalog-app)" -c "INSERT INTO public.products VALUES ($((RANDOM)), 'book') ON CONFLICT DO NOTHING"
 log "the change as Debezium published it on cdc.catalog.public.products:"
-RUST_LOG=warn "${BIN}/servicedb-dev" consume-kafka --topic cdc.catalog.public.products --count 1 --timeout-seconds 180
+# Debezium creates the topic with its first event (the snapshot): retry until it exists.
+for attempt in $(seq 1 30); do
+  if RUST_LOG=off "${BIN}/servicedb-dev" consume-kafka --topic cdc.catalog.public.products \
+      --count 1 --timeout-seconds 30 2>/dev/null; then
+    break
+  fi
+  [[ ${attempt} == 30 ]] && die "no change event on cdc.catalog.public.products"
+  sleep 2
+done
 
 cat <<EOT
 

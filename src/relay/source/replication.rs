@@ -107,7 +107,11 @@ fn replication_tls(env: &PgEnv) -> TlsConfig {
         SslMode::VerifyCa => TlsConfig::verify_ca(ca),
         SslMode::VerifyFull => TlsConfig::verify_full(ca),
     };
-    if env.hostaddr.is_some() {
+    // The name the certificate is checked against: `host` (also when connecting to
+    // `hostaddr`). pgwire-replication refuses verify-full with an IP-literal host unless the
+    // name is given explicitly; given, rustls checks it against the certificate's IP SANs, as
+    // libpq does.
+    if env.hostaddr.is_some() || env.host.parse::<std::net::IpAddr>().is_ok() {
         tls = tls.with_sni_hostname(env.host.clone());
     }
     tls
