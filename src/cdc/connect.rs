@@ -28,9 +28,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use tracing::{debug, info};
 
@@ -894,19 +891,7 @@ fn base_url(url: &str) -> Result<String, ConnectError> {
 
 fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, ConnectError> {
     let invalid = |what: String| ConnectError::InvalidSettings(format!("CA bundle: {what}"));
-    let mut roots = RootCertStore::empty();
-    match ca_pem {
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(pem) => {
-            for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| invalid(e.to_string()))?;
-                roots.add(cert).map_err(|e| invalid(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(invalid("no certificate found in the PEM".to_owned()));
-            }
-        }
-    }
+    let roots = crate::postgres::connect::pem_root_store(ca_pem).map_err(invalid)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -844,20 +844,26 @@ pub fn tls_config(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<ClientConf
 }
 
 fn root_store(ssl_mode: SslMode, ca_pem: Option<&[u8]>) -> Result<RootCertStore, ConnectError> {
-    let invalid = |reason: String| ConnectError::CaCertificate {
+    pem_root_store(ca_pem).map_err(|reason| ConnectError::CaCertificate {
         ssl_mode: ssl_mode.as_libpq(),
         reason,
-    };
+    })
+}
+
+/// The trust anchors for a server certificate: every certificate in `ca_pem`, or the public
+/// web roots when no CA is given. Shared by every TLS client of the crate (Postgres, Kafka
+/// Connect); the error says what is wrong with the PEM, never its content.
+pub fn pem_root_store(ca_pem: Option<&[u8]>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     match ca_pem {
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         Some(pem) => {
             for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| invalid(e.to_string()))?;
-                roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+                let cert = cert.map_err(|e| e.to_string())?;
+                roots.add(cert).map_err(|e| e.to_string())?;
             }
             if roots.is_empty() {
-                return Err(invalid("no certificate found in the PEM".to_owned()));
+                return Err("no certificate found in the PEM".to_owned());
             }
         }
     }
