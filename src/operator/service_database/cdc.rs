@@ -45,7 +45,7 @@ pub fn connector_input(
     cdc: &CdcSpec,
     desire: &Desire,
     target: &Target,
-) -> Result<ConnectorInput, config::ConfigError> {
+) -> ConnectorInput {
     let tables = cdc
         .tables
         .iter()
@@ -66,7 +66,7 @@ pub fn connector_input(
     input.secret_provider = secret_provider(cdc.secret_provider.as_ref());
     input.ssl_root_cert = cdc.ssl_root_cert_path.clone();
     input.extra = cdc.settings.clone();
-    Ok(input)
+    input
 }
 
 fn secret_provider(spec: Option<&CdcSecretProvider>) -> SecretProvider {
@@ -182,9 +182,7 @@ pub async fn converge(
             after,
         );
     }
-    let desired = match connector_input(sdb, cdc, desire, target)
-        .and_then(|input| config::connector_config(&input))
-    {
+    let desired = match config::connector_config(&connector_input(sdb, cdc, desire, target)) {
         Ok(desired) => desired,
         Err(e) => {
             let condition = Desired::fail("CdcReady", e.category(), e.to_string());
